@@ -1,0 +1,1 @@
+"""Data preparation: datatrove steps from raw text to clean documents, BPE training and token shards."""

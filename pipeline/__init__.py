@@ -1,0 +1,1 @@
+"""What the user touches: config, the `scratchgpt` CLI, stages, MLflow tracking and Slurm."""

@@ -1,0 +1,91 @@
+"""The stage graph: each stage's config sections, what it depends on, and its completion marker.
+
+A finished stage writes `<workdir>/<stage>/_COMPLETE.json` holding a hash of the
+config sections it consumed and of its upstream stages' hashes. Running again
+skips a stage whose marker hash matches, and redoes it (and so everything
+after it) when the hash changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+MARKER = "_COMPLETE.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections whose change redoes the stage
+    upstream: tuple[str, ...]
+    entry: str  # "module:function" taking the Config and returning the summary figures;
+    # imported only when the stage runs, so `--help` does not pay for torch or datatrove.
+    help: str = ""
+
+    def run(self, cfg: Config) -> dict[str, Any]:
+        module, _, func = self.entry.partition(":")
+        return getattr(importlib.import_module(module), func)(cfg)
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    STAGES[stage.name] = stage
+    return stage
+
+
+def stage_dir(cfg: Config, name: str) -> Path:
+    return Path(cfg.workdir) / name
+
+
+def stage_hash(cfg: Config, name: str) -> str:
+    stage = STAGES[name]
+    parts = [cfg.section_hash(*stage.sections)] + [stage_hash(cfg, up) for up in stage.upstream]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def read_marker(cfg: Config, name: str) -> dict[str, Any] | None:
+    path = stage_dir(cfg, name) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(cfg: Config, name: str) -> bool:
+    marker = read_marker(cfg, name)
+    return marker is not None and marker.get("hash") == stage_hash(cfg, name)
+
+
+def write_marker(cfg: Config, name: str, summary: dict[str, Any], started: float) -> None:
+    path = stage_dir(cfg, name) / MARKER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "stage": name,
+        "hash": stage_hash(cfg, name),
+        "started": started,
+        "finished": time.time(),
+        "summary": summary,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=2, default=str))
+    os.replace(tmp, path)  # atomic: a marker is never half-written
+
+
+def clear_marker(cfg: Config, name: str) -> None:
+    (stage_dir(cfg, name) / MARKER).unlink(missing_ok=True)
+
+
+# The chain, in order. Later stages join as they are built.
+register(Stage("prep", ("data", "prep"), (), "pipeline.stage_prep:run_prep",
+               "deduplicate and quality-filter raw text into clean documents"))

@@ -1,0 +1,102 @@
+"""MLflow tracking: where runs go, and one run per stage (child runs of a pipeline run).
+
+Default store: `sqlite:///<workdir>/mlflow.db` with artifacts under
+`<workdir>/mlartifacts`; `tracking.uri` or `$MLFLOW_TRACKING_URI` points at a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The commit of the code that ran, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'train.lr': '0.003', ...}, the form MLflow params take."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(tree)[:6000]}
+
+
+def setup_experiment(cfg: Config) -> str:
+    """Point MLflow at the configured store and return the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:"):
+        # Keep artifacts beside the local store instead of ./mlruns in the current directory.
+        artifact_location = (Path(cfg.workdir).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    except Exception:  # created by a concurrent process in the meantime
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: Config,
+    stage: str,
+    sections: tuple[str, ...] = (),
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """An MLflow run tagged with the stage, the config hash and the git commit.
+
+    Logs the config sections the stage consumes as params. Nested under
+    `parent_run_id` (or $SCRATCHGPT_PARENT_RUN_ID) when given.
+    """
+    import mlflow
+
+    experiment_id = setup_experiment(cfg)
+    parent_run_id = parent_run_id or os.environ.get("SCRATCHGPT_PARENT_RUN_ID")
+    all_tags = {
+        "stage": stage,
+        "config_hash": cfg.section_hash(*sections) if sections else "",
+        "git_commit": git_commit(),
+        "workdir": str(Path(cfg.workdir).resolve()),
+        **(tags or {}),
+    }
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
+        if sections:
+            params = flatten(cfg.model_dump(mode="json", include=set(sections)))
+            mlflow.log_params(params)
+        yield run
