@@ -65,6 +65,8 @@ class TaskConfig(Section):
     eval: str
     text_key: str = "text"
     label_key: str = "label"
+    eval_text_key: str | None = Field(None, description="Text column of the eval file, if it differs (null: text_key).")
+    eval_label_key: str | None = Field(None, description="Label column of the eval file (null: label_key).")
     prompt_key: str = "prompt"
     response_key: str = "response"
     truncate: Literal["left", "right"] = "left"

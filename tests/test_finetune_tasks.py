@@ -1,0 +1,87 @@
+"""Task files for fine-tuning: formats, labels, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from training.config import TaskConfig
+from training.task_metrics import accuracy, confusion_matrix, macro_f1
+from training.tasks import LabelMap, TaskDataError, read_classification, task_kind, truncate
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+
+
+def test_reads_sst2_with_its_own_column_names() -> None:
+    task = TaskConfig(name="sst2", train=str(SST2 / "train.tsv"), eval=str(SST2 / "dev.tsv"),
+                      text_key="sentence", eval_text_key="content")
+    train, dev = task_kind("classification")().load(task)
+    assert len(train) == 67349 and len(dev) == 872
+    assert train[0].text == "hide new secretions from the parental units"
+    labels = LabelMap.from_examples(train)
+    assert labels.labels == ["0", "1"]
+    assert sum(labels.ids(dev, "dev")) == sum(1 for e in dev if e.label == "1")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_formats_give_the_same_examples(tmp_path: Path, suffix: str) -> None:
+    rows = [{"review": "good, \"very\" good", "stars": 5}, {"review": "bad", "stars": 1}]
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        path.write_text('review,stars\n"good, ""very"" good",5\nbad,1\n')
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    examples = read_classification(path, "review", "stars")
+    assert [e.text for e in examples] == ['good, "very" good', "bad"]
+    assert LabelMap.from_examples(examples).labels == ["1", "5"]
+
+
+def test_missing_label_column_names_file_line_and_columns(tmp_path: Path) -> None:
+    path = tmp_path / "t.tsv"
+    path.write_text("label\ttext\n1\tfine\n")
+    with pytest.raises(TaskDataError, match=r"t\.tsv:2: no label column 'sentiment'.*\['label', 'text'\]"):
+        read_classification(path, "text", "sentiment")
+
+
+def test_unseen_eval_label_is_named() -> None:
+    labels = LabelMap(["neg", "pos"])
+    from training.tasks import Example
+
+    with pytest.raises(TaskDataError, match=r"dev\.tsv: label\(s\) \['neutral'\]"):
+        labels.ids([Example("x", "pos"), Example("y", "neutral")], "dev.tsv")
+
+
+def test_empty_and_malformed_files(tmp_path: Path) -> None:
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(TaskDataError, match="no examples"):
+        read_classification(empty, "text", "label")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b", \n')
+    with pytest.raises(TaskDataError, match=r"b\.jsonl:2: not valid JSON"):
+        read_classification(bad, "text", "label")
+
+
+def test_unregistered_task_kind_lists_known_ones() -> None:
+    with pytest.raises(TaskDataError, match=r"'ner' is not registered.*classification.*sft"):
+        task_kind("ner")
+
+
+def test_truncation_keeps_the_configured_end() -> None:
+    assert truncate([1, 2, 3, 4], 2, "left") == ([3, 4], True)
+    assert truncate([1, 2, 3, 4], 2, "right") == ([1, 2], True)
+    assert truncate([1, 2], 2, "left") == ([1, 2], False)
+
+
+def test_scores() -> None:
+    gold, pred = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
+    assert accuracy(gold, pred) == 0.6
+    assert confusion_matrix(gold, pred, 3) == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # per-class F1: 0.5, 0.8, 0.0
+    assert macro_f1(gold, pred, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
