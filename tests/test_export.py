@@ -1,0 +1,146 @@
+"""Export to a Hugging Face GPT-2 folder: the same logits and generations in transformers, offline; and back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.export import export_hf, load_gpt
+from training.model import GPT, GPTConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads; from_pretrained also gets local_files_only
+EOT = "<|endoftext|>"
+TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat."
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 style byte-level BPE, saved the way the tokenizer stage saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **special}))
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    return out
+
+
+def random_model(position: str, vocab_size: int = 300) -> GPT:
+    """Every weight random (not the init's zero biases and unit norms), so a misplaced tensor shows."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=64, position=position))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def load_hf(folder: Path):
+    from transformers import GPT2LMHeadModel
+
+    model, info = GPT2LMHeadModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_transformers_gives_the_same_logits_and_generation(tmp_path, tokenizer_dir, position):
+    model = random_model(position)
+    out = export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "export")
+    hf = load_hf(out)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as GPT-2
+    idx = torch.randint(0, 300, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(idx)[0]
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    if position == "sinusoidal":
+        torch.testing.assert_close(hf.transformer.wpe.weight, model.wpe.weight)
+
+    prompt = idx[:1, :5]
+    eos = hf.config.eos_token_id
+    generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=eos, eos_token_id=None)
+    assert torch.equal(generated, model.generate(prompt, 12, temperature=0))
+
+
+def test_tokenizer_files_travel_and_load_offline(tmp_path, tokenizer_dir):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "export")
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ours = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert hf_tok("the cat met a dog").input_ids == ours.encode("the cat met a dog").ids
+    config = json.loads((out / "config.json").read_text())
+    eot = ours.token_to_id(EOT)
+    assert hf_tok.eos_token_id == config["eos_token_id"] == config["bos_token_id"] == eot
+    assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"] is True
+    assert config["n_positions"] == config["n_ctx"] == 32 and config["layer_norm_epsilon"] == 1e-5
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_load_gpt_round_trip(tmp_path, tokenizer_dir, position):
+    model = random_model(position)
+    out = export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "export")
+    loaded, config = load_gpt(out)
+    assert config == model.config
+    assert loaded.lm_head.weight is loaded.wte.weight
+    idx = torch.randint(0, 300, (2, 20))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_engine_prefixes_are_stripped_and_a_missing_fixed_table_rebuilt(tmp_path):
+    model = random_model("sinusoidal")
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items() if k != "wpe.weight"}
+    out = export_hf(wrapped, model.config, None, tmp_path / "export")
+    assert not (out / "tokenizer.json").exists()
+    loaded, _ = load_gpt(out)
+    idx = torch.randint(0, 300, (1, 10))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_export_refuses_state_dict_of_another_shape(tmp_path):
+    model = random_model("learned")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("h.1.")}
+    with pytest.raises(ValueError, match=r"missing \['h\.1\."):
+        export_hf(state, model.config, None, tmp_path / "export")
+
+
+def test_export_refuses_tokenizer_larger_than_model(tmp_path, tokenizer_dir):
+    model = random_model("learned", vocab_size=50)
+    with pytest.raises(ValueError, match="the model only 50"):
+        export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "export")
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_load_gpt_names_the_missing_file(tmp_path, missing):
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, None, tmp_path / "export")
+    (out / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_gpt(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_gpt(tmp_path / "nowhere")
+
+
+def test_load_gpt_refuses_damaged_weights(tmp_path):
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, None, tmp_path / "export")
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors could not be read"):
+        load_gpt(out)
