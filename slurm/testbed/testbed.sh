@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# A real Slurm cluster on this one machine, for tests: munge, slurmctld on the host,
+# and one slurmd per node, each node in its own network namespace (own address on a
+# bridge, own hostname, own /etc/hosts view). Root only.
+#
+#   slurm/testbed/testbed.sh up [-n NODES] [-c CPUS]   bring it up (2 nodes x 1 CPU by default)
+#   slurm/testbed/testbed.sh down                      stop everything, remove every trace
+#   slurm/testbed/testbed.sh status                    exit 0 when up and every node is usable
+#   slurm/testbed/testbed.sh env                       print `export SLURM_CONF=...` for clients
+#
+# `up` is idempotent: a healthy cluster of the requested shape is left alone, anything
+# else is torn down first. Traffic stays on loopback and the private bridge subnet.
+set -euo pipefail
+
+STATE=${SG_TESTBED_DIR:-/run/scratchgpt-testbed}
+NODE_PREFIX=sgnode               # Slurm node name, network namespace and hostname
+BRIDGE=sgtb-br0
+NODE_IF=sgtb0                    # the interface name inside every node (GLOO/NCCL_SOCKET_IFNAME)
+SUBNET=${SG_TESTBED_SUBNET:-10.77.0}   # a /24 used only on the bridge and inside our namespaces
+CTLD_ADDR=$SUBNET.1
+CTLD_PORT=${SG_TESTBED_CTLD_PORT:-6817}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CONF=$STATE/etc/slurm.conf
+
+log() { echo "testbed: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it creates network namespaces and starts daemons)"; }
+
+need_tools() {
+    local missing=()
+    for tool in munged mungekey slurmctld slurmd scontrol sinfo squeue scancel ip nsenter unshare; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    [ ${#missing[@]} = 0 ] || die "missing ${missing[*]}: apt-get install -y slurm-wlm munge"
+}
+
+# Our namespaces, whatever their number: a leftover of an earlier run with more nodes counts too.
+our_netns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NODE_PREFIX}[0-9]+$" || true; }
+
+# A pid from a pid file, only while that process is still the daemon we started
+# (a stale pid file must never make us signal an unrelated process).
+live_pid() {
+    local file=$1 exe=$2 pid
+    [ -f "$file" ] || return 1
+    pid=$(cat "$file" 2>/dev/null) || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$(command -v "$exe")" ] || return 1
+    echo "$pid"
+}
+
+stop_pids() {  # TERM, then KILL whatever is left after 5 s
+    [ $# = 0 ] && return 0
+    kill -TERM "$@" 2>/dev/null || true
+    for _ in $(seq 50); do
+        local alive=()
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+        [ ${#alive[@]} = 0 ] && return 0
+        sleep 0.1
+    done
+    kill -KILL "$@" 2>/dev/null || true
+}
+
+slurm_env() { export SLURM_CONF=$CONF; }
+
+nodes_state() {  # "name state" per node, as the controller sees them
+    slurm_env
+    timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null | sort -u
+}
+
+healthy() {  # healthy N: up with exactly N nodes, all usable
+    local want=$1 states
+    [ -f "$CONF" ] || return 1
+    live_pid "$STATE/run/munged.pid" munged >/dev/null || return 1
+    live_pid "$STATE/run/slurmctld.pid" slurmctld >/dev/null || return 1
+    slurm_env
+    timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP' || return 1
+    states=$(nodes_state) || return 1
+    [ "$(echo "$states" | grep -c .)" = "$want" ] || return 1
+    ! echo "$states" | awk '{print $2}' | grep -qvE '^(idle|alloc|mix|comp)$'
+}
+
+cmd_down() {
+    need_root
+    if [ -f "$CONF" ] && live_pid "$STATE/run/slurmctld.pid" slurmctld >/dev/null; then
+        slurm_env
+        # Cancel jobs first so that their steps stop cleanly; what survives is killed below.
+        timeout 10 scancel --quiet --user=root 2>/dev/null || true
+    fi
+    local ns pids
+    for ns in $(our_netns); do
+        # Every process in the node's namespace is ours: slurmd, slurmstepd, job steps.
+        mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null)
+        stop_pids "${pids[@]}"
+    done
+    local pid
+    for daemon in slurmctld munged; do
+        if pid=$(live_pid "$STATE/run/$daemon.pid" "$daemon"); then stop_pids "$pid"; fi
+    done
+    for ns in $(our_netns); do ip netns delete "$ns" 2>/dev/null || true; done
+    # Deleting a namespace deletes its veth end and with it the host end; the bridge is ours alone.
+    ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
+    rm -rf "$STATE"
+    log "down"
+}
+
+render_conf() {
+    local nodes=$1 cpus=$2 host=$3
+    mkdir -p "$STATE/etc"
+    sed -e "s|@CTLD_HOST@|$host|g" -e "s|@CTLD_ADDR@|$CTLD_ADDR|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
+        -e "s|@STATE@|$STATE|g" "$HERE/slurm.conf.in" >"$CONF"
+    {
+        echo
+        for i in $(seq "$nodes"); do
+            echo "NodeName=$NODE_PREFIX$i NodeAddr=$(node_addr "$i") NodeHostname=$NODE_PREFIX$i CPUs=$cpus State=UNKNOWN"
+        done
+        echo "PartitionName=debug Nodes=$NODE_PREFIX[1-$nodes] Default=YES MaxTime=INFINITE State=UP"
+    } >>"$CONF"
+    # The /etc/hosts the nodes see (bind-mounted in their mount namespace; the host's file is untouched):
+    # node names resolve to bridge addresses, and the controller's name to the bridge, not to loopback.
+    {
+        echo "127.0.0.1 localhost"
+        echo "$CTLD_ADDR $host"
+        for i in $(seq "$nodes"); do echo "$(node_addr "$i") $NODE_PREFIX$i"; done
+    } >"$STATE/etc/hosts"
+}
+
+start_munge() {
+    # A private key and socket: no clash with a munged the machine may already run.
+    # munged insists on a secret key folder and a socket folder that everyone can enter.
+    mkdir -p "$STATE/munge-key" "$STATE/munge"
+    chmod 0700 "$STATE/munge-key"
+    chmod 0755 "$STATE/munge"
+    mungekey --create --keyfile="$STATE/munge-key/munge.key" 2>/dev/null
+    munged --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge-key/munge.key" \
+        --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
+        --seed-file="$STATE/munge-key/munged.seed"
+}
+
+start_network() {
+    local nodes=$1
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    for i in $(seq "$nodes"); do
+        local ns=$NODE_PREFIX$i
+        ip netns add "$ns"
+        ip link add "sgtb-h$i" type veth peer name "$NODE_IF" netns "$ns"
+        ip link set "sgtb-h$i" master "$BRIDGE"
+        ip link set "sgtb-h$i" up
+        ip -n "$ns" addr add "$(node_addr "$i")/24" dev "$NODE_IF"
+        ip -n "$ns" link set "$NODE_IF" up
+        ip -n "$ns" link set lo up
+    done
+}
+
+start_slurmd() {
+    local i=$1 ns=$NODE_PREFIX$1
+    mkdir -p "$STATE/spool/$ns"
+    # nsenter --net keeps the host's mounts (cgroups included), unlike `ip netns exec`;
+    # unshare gives the node its own hostname and its own view of /etc/hosts.
+    SLURM_CONF=$CONF nsenter --net="/run/netns/$ns" \
+        unshare --uts --mount --propagation slave \
+        sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd -N "$1" -f "$3"' \
+        sh "$ns" "$STATE/etc/hosts" "$CONF"
+}
+
+dump_logs() {
+    for f in "$STATE"/log/*.log; do
+        [ -f "$f" ] || continue
+        log "---- $f (last 20 lines)"
+        tail -n 20 "$f" >&2
+    done
+}
+
+wait_for() {  # wait_for SECONDS WHAT COMMAND...
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || { log "timed out after ${secs}s waiting for $what"; return 1; }
+        sleep 0.2
+    done
+}
+
+all_idle() {
+    local want=$1 states
+    states=$(nodes_state) || return 1
+    [ "$(echo "$states" | awk '$2 == "idle"' | grep -c .)" = "$want" ]
+}
+
+cmd_up() {
+    local nodes=2 cpus=1
+    while [ $# -gt 0 ]; do
+        case $1 in
+            -n|--nodes) nodes=$2; shift 2 ;;
+            -c|--cpus) cpus=$2; shift 2 ;;
+            *) die "unknown option $1 (use -n NODES, -c CPUS)" ;;
+        esac
+    done
+    [[ $nodes =~ ^[0-9]+$ ]] && [ "$nodes" -ge 1 ] && [ "$nodes" -le 200 ] || die "-n: 1..200 nodes, got $nodes"
+    [[ $cpus =~ ^[0-9]+$ ]] && [ "$cpus" -ge 1 ] || die "-c: CPUs per node must be >= 1, got $cpus"
+    need_root
+    need_tools
+    if healthy "$nodes" && grep -q "CPUs=$cpus " "$CONF"; then
+        log "already up: $nodes nodes"
+        cmd_env
+        return 0
+    fi
+    cmd_down 2>/dev/null
+    local start=$SECONDS host
+    host=$(hostname -s)
+    mkdir -p "$STATE/run" "$STATE/log" "$STATE/ctld" "$STATE/spool"
+    chmod 0755 "$STATE"
+    render_conf "$nodes" "$cpus" "$host"
+    if ! {
+        start_munge &&
+            start_network "$nodes" &&
+            SLURM_CONF=$CONF slurmctld -c -f "$CONF" &&
+            wait_for 30 "slurmctld" bash -c "SLURM_CONF=$CONF scontrol ping | grep -q 'is UP'" &&
+            for i in $(seq "$nodes"); do start_slurmd "$i" || exit 1; done &&
+            wait_for 60 "all $nodes nodes idle" all_idle "$nodes"
+    }; then
+        dump_logs
+        nodes_state >&2 || true
+        cmd_down
+        die "bring-up failed (logs above)"
+    fi
+    log "up: $nodes nodes x $cpus CPU in $((SECONDS - start))s (state in $STATE)"
+    cmd_env
+}
+
+cmd_env() { echo "export SLURM_CONF=$CONF"; }
+
+cmd_status() {
+    [ -f "$CONF" ] || { log "down"; return 1; }
+    slurm_env
+    timeout 10 scontrol ping || return 1
+    timeout 10 sinfo -N || return 1
+    local n
+    n=$(grep -c '^NodeName=' "$CONF")
+    healthy "$n"
+}
+
+case ${1:-} in
+    up) shift; cmd_up "$@" ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    *) echo "usage: $0 up [-n NODES] [-c CPUS] | down | status | env" >&2; exit 2 ;;
+esac
