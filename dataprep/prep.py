@@ -1,0 +1,186 @@
+"""The prep pipeline as a list of datatrove sub-stages, and the counts it leaves behind.
+
+    filter          read -> [html->text] -> normalise -> filters -> (exact or minhash signatures)
+    exact_find      one task: which copies to drop
+    exact_filter    drop exact copies -> (minhash signatures)
+    minhash_buckets one task per bucket: candidate pairs
+    minhash_cluster one task: clusters, which documents to drop
+    minhash_filter  drop near-duplicates
+    ... and the last sub-stage replaces PII and writes prep/output/<rank>.jsonl.zst
+
+Each sub-stage has its own datatrove logging folder (prep/logs/<name>/) whose
+per-task completion files let an interrupted run resume, and whose per-task
+stats files hold the counts: nothing is counted in memory, so a resumed run
+reports the same figures as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.writers.jsonl import JsonlWriter
+
+from dataprep import dedup
+from dataprep.config import DataConfig, PrepConfig
+from dataprep.filters import filter_steps, pii_step
+from dataprep.html import HtmlExtractor
+from dataprep.normalize import normalize_steps
+from dataprep.readers import InputReader, TaskFileReader, input_format
+from dataprep.removed import RemovedWriter
+
+
+class Tally(PipelineStep):
+    """Counts the documents and UTF-8 bytes that pass (datatrove saves the counts with the task's stats)."""
+
+    type = "📊 - STATS"
+    name = "tally"
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            self.stat_update("docs")
+            self.stat_update("bytes", value=len(doc.text.encode("utf-8", "replace")), unit="doc")
+            yield doc
+
+
+@dataclass
+class SubStage:
+    name: str
+    pipeline: list[PipelineStep]
+    tasks: int
+    workers: int
+    # step index -> what it counts: "reader", "out", or a drop step name (counted as dropped_<name>)
+    counters: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class PrepLayout:
+    """Folders under <workdir>/prep."""
+
+    root: Path
+
+    @property
+    def input(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def removed(self) -> Path:
+        return self.root / "removed"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+
+@dataclass
+class PrepPlan:
+    layout: PrepLayout
+    stages: list[SubStage]
+    drop_steps: list[str]  # every step that can drop documents, in order
+
+
+def _writer(folder: Path) -> JsonlWriter:
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl.zst", compression="zstd")
+
+
+def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path) -> PrepPlan:
+    """The sub-stages for these input files (already expanded; unknown formats raise ValueError)."""
+    layout = PrepLayout(Path(root))
+    work, removed = layout.work, layout.removed
+    tasks, workers = prep.tasks, min(prep.workers, prep.tasks)
+    drop_steps: list[str] = ["malformed"]
+
+    head = SubStage("filter", [], tasks, workers)
+    reader = InputReader(files, text_key=data.text_key, id_key=data.id_key, strict=data.strict,
+                         removed_writer=RemovedWriter(removed, "malformed"), file_progress=True)
+    head.pipeline.append(reader)
+    head.counters[0] = "reader"
+    if any(input_format(f) == "warc" for f in files):
+        head.counters[len(head.pipeline)] = "html_extraction"
+        head.pipeline.append(HtmlExtractor(exclusion_writer=RemovedWriter(removed, "html_extraction")))
+        drop_steps.append("html_extraction")
+    head.pipeline.extend(normalize_steps(prep.normalize))
+    for key, step in filter_steps(prep.filters, removed):
+        head.counters[len(head.pipeline)] = key
+        head.pipeline.append(step)
+        drop_steps.append(key)
+
+    stages = [head]
+    current = head
+    minhash_cfg = prep.dedup.minhash
+    if prep.dedup.exact:
+        current.pipeline += [_writer(work / "filtered"), dedup.exact_signature(work)]
+        stages.append(SubStage("exact_find", [dedup.exact_find(work)], 1, 1))
+        current = SubStage("exact_filter", [TaskFileReader(str(work / "filtered")), dedup.exact_filter(work, removed)],
+                           tasks, workers, {1: "exact_dedup"})
+        stages.append(current)
+        drop_steps.append("exact_dedup")
+    if minhash_cfg is not False:
+        current.pipeline += [_writer(work / "pre_minhash"), dedup.minhash_signature(work, minhash_cfg)]
+        stages.append(SubStage("minhash_buckets", [dedup.minhash_buckets(work, minhash_cfg)],
+                               minhash_cfg.buckets, min(workers, minhash_cfg.buckets)))
+        stages.append(SubStage("minhash_cluster", [dedup.minhash_cluster(work, minhash_cfg)], 1, 1))
+        current = SubStage("minhash_filter", [TaskFileReader(str(work / "pre_minhash")),
+                                              dedup.minhash_filter(work, removed)],
+                           tasks, workers, {1: "minhash_dedup"})
+        stages.append(current)
+        drop_steps.append("minhash_dedup")
+
+    # PII last: replacing addresses before dedup would make pages that differ only there look identical.
+    pii = pii_step(prep.filters.pii)
+    if pii is not None:
+        current.pipeline.append(pii)
+    current.counters[len(current.pipeline)] = "out"
+    current.pipeline += [Tally(), _writer(layout.output)]
+    return PrepPlan(layout, stages, drop_steps)
+
+
+def _total(value: Any) -> int:
+    if isinstance(value, dict):
+        return int(value.get("total", 0))
+    return int(value or 0)
+
+
+def collect_counts(plan: PrepPlan) -> dict[str, int]:
+    """docs_in, docs_out, bytes_in, bytes_out and dropped_<step> from the sub-stages' per-task stats files."""
+    counts = {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0}
+    counts.update({f"dropped_{step}": 0 for step in plan.drop_steps})
+    for stage in plan.stages:
+        for stats_file in sorted((plan.layout.logs / stage.name / "stats").glob("*.json")):
+            steps = json.loads(stats_file.read_text())
+            for index, role in stage.counters.items():
+                stats = steps[index]["stats"]
+                if role == "reader":
+                    counts["docs_in"] += _total(stats.get("docs_in"))
+                    counts["bytes_in"] += _total(stats.get("bytes_in"))
+                    counts["dropped_malformed"] += _total(stats.get("malformed"))
+                elif role == "out":
+                    counts["docs_out"] += _total(stats.get("docs"))
+                    counts["bytes_out"] += _total(stats.get("bytes"))
+                else:
+                    counts[f"dropped_{role}"] += _total(stats.get("dropped"))
+    return counts
+
+
+def check_invariant(counts: dict[str, int]) -> None:
+    """docs_in == docs_out + sum(dropped): a document that left without a record is a bug, never a figure."""
+    dropped = sum(v for k, v in counts.items() if k.startswith("dropped_"))
+    if counts["docs_in"] != counts["docs_out"] + dropped:
+        raise RuntimeError(
+            f"prep lost documents: docs_in={counts['docs_in']} != docs_out={counts['docs_out']} + dropped={dropped}"
+        )

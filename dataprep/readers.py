@@ -1,0 +1,347 @@
+"""Readers that account for every input record.
+
+datatrove's own readers skip a malformed line with a log warning. Here every
+record that cannot become a document (bad JSON, invalid UTF-8, a truncated
+`.gz`/`.zst`, an empty file, no text) is counted and written aside with its
+file, line and reason, or, in strict mode, stops the run naming file and line.
+
+Formats, by file name: `.jsonl`/`.json`/`.ndjson` (plain, `.gz`, `.zst`),
+`.parquet`, `.txt` (one document per file), `.warc`/`.warc.gz` (HTML responses;
+the text is extracted later by `dataprep.html.HtmlExtractor`).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.pipeline.readers.jsonl import JsonlReader
+from datatrove.pipeline.writers.disk_base import DiskWriter
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSIONS = (".gz", ".zst")
+CHUNK = 1 << 20
+
+
+class MalformedRecordError(ValueError):
+    """A malformed input record in strict mode; the message is `file:line: reason`."""
+
+
+def input_format(path: str) -> str:
+    """`json`, `parquet`, `txt` or `warc` from the file name; ValueError for anything else."""
+    name = path.lower()
+    for comp in COMPRESSIONS:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+            break
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    if name.endswith(".warc"):
+        return "warc"
+    if name.endswith(".parquet") and not path.lower().endswith(COMPRESSIONS):
+        return "parquet"
+    if name.endswith(".txt") and not path.lower().endswith(COMPRESSIONS):
+        return "txt"
+    raise ValueError(
+        f"{path}: unknown input format (expected .jsonl/.json[.gz|.zst], .parquet, .txt or .warc[.gz])"
+    )
+
+
+def _zstd_chunks(f) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-frame) zstd file; EOFError when it ends inside a frame.
+
+    zstandard's stream reader returns a short read for a truncated file without
+    complaint, so the frame boundaries are checked here.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    fed = False
+    while buf := f.read(CHUNK):
+        while buf:
+            if dobj.eof:
+                dobj = dctx.decompressobj()
+            out = dobj.decompress(buf)
+            fed = True
+            if out:
+                yield out
+            buf = dobj.unused_data if dobj.eof else b""
+    if fed and not dobj.eof:
+        raise EOFError("zstd stream ends in the middle of a frame (truncated file?)")
+
+
+def _byte_chunks(path: str) -> Iterator[bytes]:
+    """The file's decompressed bytes in chunks; EOFError/OSError on a truncated or corrupt stream."""
+    if path.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            while buf := f.read(CHUNK):
+                yield buf
+    elif path.endswith(".zst"):
+        with open(path, "rb") as f:
+            yield from _zstd_chunks(f)
+    else:
+        with open(path, "rb") as f:
+            while buf := f.read(CHUNK):
+                yield buf
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Split a chunk stream on b"\\n" (a last line without newline included)."""
+    rest = b""
+    for chunk in chunks:
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+class InputReader(BaseDiskReader):
+    """Reads the configured input files (any mix of formats), sharded between tasks by file.
+
+    Each record counts as one document in: it becomes a `Document` with id from
+    `id_key` (else `<file>:<line>`), or it is set aside in `removed_writer` with
+    metadata `file`, `line`, `reason` (or raises `MalformedRecordError` when strict).
+    Stats: `docs_in`, `bytes_in` (UTF-8 bytes of what was read), `malformed`.
+    """
+
+    name = "scratchgpt inputs"
+
+    def __init__(
+        self,
+        files: list[str],
+        text_key: str = "text",
+        id_key: str = "id",
+        strict: bool = False,
+        removed_writer: DiskWriter | None = None,
+        file_progress: bool = False,
+    ):
+        super().__init__(
+            data_folder="/", text_key=text_key, id_key=id_key, add_file_path=False, file_progress=file_progress
+        )
+        for path in files:
+            input_format(path)  # unknown suffixes fail when the plan is built, before any work
+        self.files = list(files)
+        self.strict = strict
+        self.removed_writer = removed_writer
+        self._writer_open = False
+
+    # --- accounting -------------------------------------------------------------------------
+    def _malformed(self, path: str, line: int, reason: str, raw: bytes | str = b"", rank: int = 0) -> None:
+        if self.strict:
+            raise MalformedRecordError(f"{path}:{line}: {reason}")
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", errors="backslashreplace")
+        self.stat_update("docs_in", "malformed")
+        self.stat_update("bytes_in", value=len(raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace")))
+        if self.removed_writer is not None:
+            doc = Document(
+                text=text,
+                id=f"{path}:{line}",
+                metadata={"file": path, "line": line, "reason": reason, "removed_by": "malformed"},
+            )
+            self.removed_writer.write(doc, rank)
+
+    def _make_document(self, record: Any, path: str, line: int, rank: int) -> Document | None:
+        if not isinstance(record, dict):
+            self._malformed(path, line, f"not a JSON object (got {type(record).__name__})", str(record), rank)
+            return None
+        if self.text_key not in record:
+            keys = ", ".join(sorted(map(str, record))[:10])
+            self._malformed(path, line, f"no text key {self.text_key!r} (keys: {keys})", _dump(record), rank)
+            return None
+        text = record.pop(self.text_key)
+        if not isinstance(text, str):
+            self._malformed(path, line, f"text key {self.text_key!r} is {type(text).__name__}, not a string",
+                            _dump({self.text_key: text, **record}), rank)
+            return None
+        if not text.strip():
+            self._malformed(path, line, "empty text", _dump({self.text_key: text, **record}), rank)
+            return None
+        doc_id = record.pop(self.id_key, None)
+        doc_id = f"{path}:{line}" if doc_id is None or doc_id == "" else str(doc_id)
+        metadata = record.pop("metadata", None)
+        if not isinstance(metadata, dict):
+            metadata = {} if metadata is None else {"metadata": metadata}
+        metadata.update(record)
+        metadata.setdefault("file_path", path)
+        self.stat_update("docs_in")
+        # bytes of the text itself (not of the whole JSON line), so bytes_in and bytes_out compare
+        self.stat_update("bytes_in", value=len(text.encode("utf-8", "replace")))
+        return Document(text=text, id=doc_id, metadata=metadata)
+
+    # --- formats ------------------------------------------------------------------------------
+    def _read_json(self, path: str, rank: int) -> DocumentsPipeline:
+        import orjson
+
+        line_no = 0
+        records = 0
+        try:
+            chunks = _byte_chunks(path)
+            first = next(chunks, b"")
+            if first.lstrip()[:1] == b"[" and path.lower().removesuffix(".gz").removesuffix(".zst").endswith(".json"):
+                yield from self._read_json_array(path, first + b"".join(chunks), rank)
+                return
+            for line_no, raw in enumerate(_lines(_prepend(first, chunks)), start=1):
+                if not raw.strip():
+                    continue  # blank lines separate nothing and carry nothing
+                records += 1
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self._malformed(path, line_no, f"invalid UTF-8 at byte {exc.start}", raw, rank)
+                    continue
+                try:
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    self._malformed(path, line_no, f"malformed JSON: {exc}", raw, rank)
+                    continue
+                doc = self._make_document(record, path, line_no, rank)
+                if doc is not None:
+                    yield doc
+        except (EOFError, OSError) as exc:
+            records += 1
+            self._malformed(path, line_no + 1, f"truncated or corrupt file after line {line_no}: {exc}", b"", rank)
+        if records == 0:
+            self._malformed(path, 0, "empty file: no records", b"", rank)
+
+    def _read_json_array(self, path: str, data: bytes, rank: int) -> DocumentsPipeline:
+        import orjson
+
+        try:
+            records = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self._malformed(path, 1, f"malformed JSON array: {exc}", data[:10_000], rank)
+            return
+        if not records:
+            self._malformed(path, 0, "empty file: empty JSON array", b"", rank)
+        for i, record in enumerate(records, start=1):
+            doc = self._make_document(record, path, i, rank)
+            if doc is not None:
+                yield doc
+
+    def _read_parquet(self, path: str, rank: int) -> DocumentsPipeline:
+        import pyarrow.parquet as pq
+
+        row = 0
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    row += 1
+                    doc = self._make_document(record, path, row, rank)
+                    if doc is not None:
+                        yield doc
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            if isinstance(exc, MalformedRecordError):
+                raise
+            self._malformed(path, row + 1, f"unreadable parquet after row {row}: {exc}", b"", rank)
+            return
+        if row == 0:
+            self._malformed(path, 0, "empty file: no rows", b"", rank)
+
+    def _read_txt(self, path: str, rank: int) -> DocumentsPipeline:
+        raw = Path(path).read_bytes()
+        if not raw.strip():
+            self._malformed(path, 0, "empty file", raw, rank)
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            self._malformed(path, line, f"invalid UTF-8 at byte {exc.start}", raw, rank)
+            return
+        doc = self._make_document({self.text_key: text, self.id_key: path}, path, 1, rank)
+        if doc is not None:
+            yield doc
+
+    def _read_warc(self, path: str, rank: int) -> DocumentsPipeline:
+        from datatrove.pipeline.readers.warc import process_record
+        from warcio.archiveiterator import ArchiveIterator
+
+        index = 0
+        responses = 0
+        try:
+            with open(path, "rb") as f:
+                for index, record in enumerate(ArchiveIterator(f), start=1):
+                    extracted = process_record(record)
+                    if not extracted:
+                        continue  # requests, metadata and non-HTML payloads are not documents
+                    responses += 1
+                    html = extracted.pop("text")
+                    extracted["html"] = True  # tells HtmlExtractor to turn this into text
+                    record_id = extracted.pop("id")
+                    extracted.update({self.text_key: html, self.id_key: record_id})  # the WARC-Record-ID
+                    doc = self._make_document(extracted, path, index, rank)
+                    if doc is not None:
+                        yield doc
+        except Exception as exc:  # warcio raises ArchiveLoadFailed, EOFError, zlib errors
+            if isinstance(exc, MalformedRecordError):
+                raise
+            self._malformed(path, index + 1, f"truncated or corrupt WARC after record {index}: {exc}", b"", rank)
+            return
+        if index == 0:
+            self._malformed(path, 0, "empty file: no WARC records", b"", rank)
+
+    # --- datatrove hooks ------------------------------------------------------------------------
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        fmt = input_format(filepath)
+        reader = {"json": self._read_json, "parquet": self._read_parquet, "txt": self._read_txt,
+                  "warc": self._read_warc}[fmt]
+        yield from reader(filepath, self._rank)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        self._rank = rank
+        shard = self.files[rank::world_size]
+        writer = self.removed_writer
+        try:
+            for doc in self.read_files_shard(shard):
+                self.update_doc_stats(doc)
+                yield doc
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from rest
+
+
+def _dump(record: Any) -> str:
+    import orjson
+
+    try:
+        return orjson.dumps(record).decode()
+    except TypeError:
+        return repr(record)
+
+
+class TaskFileReader(JsonlReader):
+    """Reads exactly this task's `<rank>.jsonl.zst` from an earlier sub-stage.
+
+    Dedup steps address documents by (task, position), so a task must read back
+    the very file it wrote, even when another task wrote nothing.
+    """
+
+    name = "scratchgpt task file"
+
+    def __init__(self, folder: str):
+        super().__init__(folder, compression="zstd", add_file_path=False)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        name = f"{rank:05d}.jsonl.zst"
+        if not self.data_folder.isfile(name):
+            return
+        for doc in self.read_files_shard([name]):
+            self.update_doc_stats(doc)
+            yield doc
