@@ -89,3 +89,7 @@ def clear_marker(cfg: Config, name: str) -> None:
 # The chain, in order. Later stages join as they are built.
 register(Stage("prep", ("data", "prep"), (), "pipeline.stage_prep:run_prep",
                "deduplicate and quality-filter raw text into clean documents"))
+register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stage_tokenizer:run_tokenizer",
+               "train a byte-level BPE tokenizer on the clean documents"))
+register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stage_shard:run_shard",
+               "tokenize clean documents into Arrow token shards"))
