@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, expand_inputs
+from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
 from pipeline.stage_tokenizer import PREP_GLOB, prep_output
 from pipeline.stages import stage_dir, stage_hash
 
@@ -34,19 +35,39 @@ def tokenizer_dir(cfg: Config) -> Path:
     return folder
 
 
-def make_local_executor(pipeline: list[Any], tasks: int, workers: int, logging_dir: Path) -> Any:
-    """datatrove's local executor: `tasks` tasks, `workers` at once, resumable through `logging_dir`."""
-    from datatrove.executor import LocalPipelineExecutor
+@dataclass
+class SubStage:
+    """One datatrove pipeline of this stage, in the form pipeline.executors runs."""
 
-    return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                 logging_dir=str(logging_dir))
+    name: str
+    pipeline: list[Any]
+    tasks: int
+    workers: int
 
 
-def make_executor(cfg: Config, pipeline: list[Any], tasks: int, workers: int, logging_dir: Path, name: str) -> Any:
-    if cfg.executor != "local":
-        raise NotImplementedError(f"executor {cfg.executor!r} is not wired into the shard stage yet; "
-                                  f"use executor: local")
-    return make_local_executor(pipeline, tasks, workers, logging_dir)
+def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
+    from pipeline.executors import run_local, run_slurm
+
+    if cfg.executor == "slurm":
+        return run_slurm(cfg, stages, logs, label="shard")
+    return run_local(stages, logs, label="shard")
+
+
+def val_input_files(cfg: Config) -> list[str]:
+    """`data.val_inputs` as files; WARC is refused because its HTML needs the prep stage's extraction."""
+    from dataprep.readers import input_format
+
+    where = str(cfg.source or "<defaults>")
+    files = expand_inputs(cfg.data.val_inputs, "data.val_inputs", where)
+    for path in files:
+        try:
+            fmt = input_format(path)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: `data.val_inputs`: {exc}") from None
+        if fmt == "warc" or path.startswith(BUILTIN_PREFIX):
+            raise ConfigError(f"{where}: `data.val_inputs`: {path} is tokenized as it is, so it must be text "
+                              f"(.txt, .jsonl/.json[.gz|.zst], .parquet); put raw web data in data.inputs")
+    return files
 
 
 def _start_fresh_if_config_changed(cfg: Config, logs: Path, out: Path, token_hash: str) -> None:
@@ -64,6 +85,7 @@ def _start_fresh_if_config_changed(cfg: Config, logs: Path, out: Path, token_has
     if previous != identity:
         shutil.rmtree(logs, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(logs.parent / "removed", ignore_errors=True)
     logs.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(identity))
 
@@ -92,11 +114,25 @@ def merge_parts(out: Path, token_hash: str) -> dict[str, Any]:
     return manifest
 
 
+def count_removed(removed: Path) -> int:
+    """Records set aside (malformed val_inputs): one JSON line each in removed/<step>/<rank>.jsonl.zst."""
+    import zstandard
+
+    total = 0
+    for path in removed.rglob("*.jsonl.zst"):
+        with open(path, "rb") as f:
+            data = zstandard.ZstdDecompressor().stream_reader(f).read()
+        total += data.count(b"\n")
+    return total
+
+
 def run_shard(cfg: Config) -> dict[str, Any]:
     import mlflow
     from datatrove.pipeline.readers import JsonlReader
 
-    from dataprep.shard_step import FileDocumentsReader, TokenShardWriter
+    from dataprep.readers import InputReader
+    from dataprep.removed import RemovedWriter
+    from dataprep.shard_step import TokenShardWriter
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import tokenizer_sha256
     from pipeline.tracking import stage_run
@@ -107,7 +143,8 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     token_hash = tokenizer_sha256(tok_dir)
     out = shards_dir(cfg)
     logs = stage_dir(cfg, "shard") / "logs"
-    val_files = expand_inputs(cfg.data.val_inputs, "data.val_inputs", str(cfg.source or "<defaults>"))
+    removed = stage_dir(cfg, "shard") / "removed"  # malformed val_inputs records, each with its reason
+    val_files = val_input_files(cfg)
 
     with stage_run(cfg, "shard", sections=("data", "shards"), tags={"tokenizer_sha256": token_hash}):
         started = time.time()
@@ -118,12 +155,14 @@ def run_shard(cfg: Config) -> dict[str, Any]:
             JsonlReader(str(clean), glob_pattern=PREP_GLOB, recursive=False),
             TokenShardWriter(source="docs", split="train" if val_files else "hash", **writer_args),
         ]
-        make_executor(cfg, main, sc.tasks, sc.workers, logs / "docs", "shard-docs").run()
+        substages = [SubStage("docs", main, sc.tasks, min(sc.workers, sc.tasks))]
         if val_files:
-            reader = FileDocumentsReader(val_files, text_key=cfg.data.text_key, id_key=cfg.data.id_key)
-            val = [reader, TokenShardWriter(source="valinputs", split="val", **writer_args)]
+            reader = InputReader(val_files, text_key=cfg.data.text_key, id_key=cfg.data.id_key,
+                                 strict=cfg.data.strict, removed_writer=RemovedWriter(removed, "val_inputs"))
             tasks = min(sc.tasks, len(val_files))
-            make_executor(cfg, val, tasks, sc.workers, logs / "val_inputs", "shard-val").run()
+            val = [reader, TokenShardWriter(source="valinputs", split="val", **writer_args)]
+            substages.append(SubStage("val_inputs", val, tasks, min(sc.workers, tasks)))
+        run_substages(cfg, substages, logs)
         manifest = merge_parts(out, token_hash)
         seconds = time.time() - started
         splits = manifest["splits"]
@@ -137,12 +176,16 @@ def run_shard(cfg: Config) -> dict[str, Any]:
         summary["mb_per_sec"] = total_bytes / 2**20 / seconds
         summary["tokens_per_sec"] = (summary["train_tokens"] + summary["val_tokens"]) / seconds
         summary["seconds"] = seconds
+        summary["val_inputs_malformed"] = count_removed(removed)
         summary["dtype"] = manifest["dtype"]
         summary["manifest_sha256"] = manifest_sha256(out)
         summary["path"] = str(out)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
         mlflow.set_tags({"manifest_sha256": summary["manifest_sha256"], "dtype": manifest["dtype"]})
         mlflow.log_artifact(str(out / "manifest.json"))
+    if summary["val_inputs_malformed"]:
+        print(f"[shard] warning: {summary['val_inputs_malformed']} malformed records in data.val_inputs were "
+              f"set aside in {removed}, each with its reason")
     if summary["val_docs"] == 0:
         print(f"[shard] warning: the val split is empty; raise shards.val_fraction ({sc.val_fraction}) "
               f"or set data.val_inputs, or training cannot evaluate")
