@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
-from pipeline.stage_tokenizer import PREP_GLOB, prep_output
+from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output
 from pipeline.stages import stage_dir, stage_hash
 
 
@@ -31,7 +31,7 @@ def shards_dir(cfg: Config) -> Path:
 def tokenizer_dir(cfg: Config) -> Path:
     folder = stage_dir(cfg, "tokenizer")
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
+        raise StageInputError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
     return folder
 
 
@@ -130,7 +130,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     import mlflow
     from datatrove.pipeline.readers import JsonlReader
 
-    from dataprep.readers import InputReader
+    from dataprep.readers import InputReader, MalformedRecordError
     from dataprep.removed import RemovedWriter
     from dataprep.shard_step import TokenShardWriter
     from dataprep.shards import manifest_sha256
@@ -162,7 +162,10 @@ def run_shard(cfg: Config) -> dict[str, Any]:
             tasks = min(sc.tasks, len(val_files))
             val = [reader, TokenShardWriter(source="valinputs", split="val", **writer_args)]
             substages.append(SubStage("val_inputs", val, tasks, min(sc.workers, tasks)))
-        run_substages(cfg, substages, logs)
+        try:
+            run_substages(cfg, substages, logs)
+        except MalformedRecordError as exc:
+            raise StageInputError(f"malformed record in data.val_inputs (data.strict is on): {exc}") from None
         manifest = merge_parts(out, token_hash)
         seconds = time.time() - started
         splits = manifest["splits"]

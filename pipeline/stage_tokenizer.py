@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.stages import stage_dir
 
 # Held-back pieces kept in memory to measure bytes per token; more would only cost memory.
@@ -22,11 +22,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PREP_GLOB = "*.jsonl*"  # .jsonl, .jsonl.gz, .jsonl.zst as datatrove's JsonlWriter writes them
 
 
+class StageInputError(ConfigError):
+    """What a stage needs is not there (an earlier stage not run, a malformed input in strict mode).
+
+    A ConfigError so that the CLI prints the message without a traceback.
+    """
+
+
 def prep_output(cfg: Config) -> Path:
     """The clean documents folder; an error saying what to run when it holds none."""
     folder = stage_dir(cfg, "prep") / "output"
     if not folder.is_dir() or not any(folder.glob(PREP_GLOB)):
-        raise FileNotFoundError(f"no clean documents ({PREP_GLOB}) in {folder}: run `scratchgpt prep CONFIG` first")
+        raise StageInputError(f"no clean documents ({PREP_GLOB}) in {folder}: run `scratchgpt prep CONFIG` first")
     return folder
 
 
@@ -89,7 +96,7 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
         tok = train_tokenizer(sample, tc.vocab_size, tc.min_frequency, tc.eot_token)
         train_seconds = time.time() - started
         if sample.train_bytes == 0:
-            raise ValueError(f"no text to train the tokenizer on in {folder} "
+            raise StageInputError(f"no text to train the tokenizer on in {folder} "
                              f"(tokenizer.sample_bytes={tc.sample_bytes}, heldout_fraction={tc.heldout_fraction})")
         path = save_tokenizer(tok, out_dir, tc.eot_token)
         measured_on = "heldout"
