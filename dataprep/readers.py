@@ -12,7 +12,8 @@ the text is extracted later by `dataprep.html.HtmlExtractor`).
 
 from __future__ import annotations
 
-import gzip
+import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSIONS = (".gz", ".zst")
 CHUNK = 1 << 20
+IN_CHUNK = 1 << 16  # compressed bytes per step: a truncation loses at most the lines after it
 
 
 class MalformedRecordError(ValueError):
@@ -62,7 +64,7 @@ def _zstd_chunks(f) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
     fed = False
-    while buf := f.read(CHUNK):
+    while buf := f.read(IN_CHUNK):
         while buf:
             if dobj.eof:
                 dobj = dctx.decompressobj()
@@ -75,12 +77,35 @@ def _zstd_chunks(f) -> Iterator[bytes]:
         raise EOFError("zstd stream ends in the middle of a frame (truncated file?)")
 
 
+def _gzip_chunks(f) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-member) gzip file, everything up to a truncation; then EOFError.
+
+    gzip.GzipFile.read raises at a truncation and drops what it had decompressed
+    in that call; feeding zlib piece by piece keeps every complete line before the cut.
+    """
+    dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    fed = False
+    while buf := f.read(IN_CHUNK):
+        while buf:
+            if dobj.eof:
+                dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                out = dobj.decompress(buf)
+            except zlib.error as exc:
+                raise OSError(f"corrupt gzip data: {exc}") from None
+            fed = True
+            if out:
+                yield out
+            buf = dobj.unused_data if dobj.eof else b""
+    if fed and not dobj.eof:
+        raise EOFError("gzip stream ends before its end marker (truncated file?)")
+
+
 def _byte_chunks(path: str) -> Iterator[bytes]:
     """The file's decompressed bytes in chunks; EOFError/OSError on a truncated or corrupt stream."""
     if path.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            while buf := f.read(CHUNK):
-                yield buf
+        with open(path, "rb") as f:
+            yield from _gzip_chunks(f)
     elif path.endswith(".zst"):
         with open(path, "rb") as f:
             yield from _zstd_chunks(f)
@@ -88,6 +113,27 @@ def _byte_chunks(path: str) -> Iterator[bytes]:
         with open(path, "rb") as f:
             while buf := f.read(CHUNK):
                 yield buf
+
+
+class _ChunkStream(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (errors of the iterator surface on read)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            self._buf = next(self._chunks, b"")
+            if not self._buf:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -266,7 +312,8 @@ class InputReader(BaseDiskReader):
         index = 0
         responses = 0
         try:
-            with open(path, "rb") as f:
+            # warcio stops quietly at a truncated gzip member; our decompressor raises there instead
+            with io.BufferedReader(_ChunkStream(_byte_chunks(path)), CHUNK) as f:
                 for index, record in enumerate(ArchiveIterator(f), start=1):
                     extracted = process_record(record)
                     if not extracted:
