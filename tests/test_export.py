@@ -17,25 +17,29 @@ EOT = "<|endoftext|>"
 TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat."
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
+def build_tiny_tokenizer(out: Path, texts: list[str] | None = None, vocab_size: int = 300) -> Path:
     """A tiny GPT-2 style byte-level BPE, saved the way the tokenizer stage saves one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    out = tmp_path_factory.mktemp("tokenizer")
+    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.train_from_iterator(texts or [TEXT] * 20, trainer)
     tok.save(str(out / "tokenizer.json"))
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **special}))
     (out / "special_tokens_map.json").write_text(json.dumps(special))
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def random_model(position: str, vocab_size: int = 300) -> GPT:

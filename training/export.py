@@ -81,7 +81,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return ours
 
 
-def _eos_id(tokenizer_dir: Path) -> int | None:
+def tokenizer_eos_id(tokenizer_dir: Path) -> int | None:
     """The end-of-text id: tokenizer_config's eos_token, else <|endoftext|>, looked up in tokenizer.json."""
     from tokenizers import Tokenizer
 
@@ -145,7 +145,7 @@ def export_hf(
         tokenizer_dir = Path(tokenizer_dir)
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} not found: tokenizer_dir needs tokenizer.json")
-        eos_id = _eos_id(tokenizer_dir)
+        eos_id = tokenizer_eos_id(tokenizer_dir)
         from tokenizers import Tokenizer
 
         tok_vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()

@@ -6,6 +6,9 @@ code, draw tokens the same way from the same seeded generator.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 
@@ -58,3 +61,53 @@ def sample_next(
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stream_text(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    device: str | torch.device = "cpu",
+    start_id: int | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of prompt as text pieces, as soon as they decode (uses the model's KV cache).
+
+    tokenizer: a `tokenizers.Tokenizer`. An empty prompt starts from start_id (default eos_id), the end-of-text
+    token, as GPT-2's unconditional samples do.
+    Byte-level BPE can split one character over tokens, so a piece is held back while it ends in a partial
+    character (decoded as U+FFFD) and comes out with the token that completes it.
+    """
+    ids = tokenizer.encode(prompt).ids if prompt else []
+    if not ids:
+        start = start_id if start_id is not None else eos_id
+        if start is None:
+            raise ValueError("an empty prompt needs start_id (or eos_id) to start from")
+        ids = [start]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    shown = ""
+    for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, True, eos_id):
+        new.append(int(token[0]))
+        if eos_id is not None and new[-1] == eos_id:
+            break
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(shown):
+            piece, shown = text[len(shown) :], text
+            if piece:
+                yield piece
+    text = tokenizer.decode([t for t in new if t != eos_id])
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown) :]  # whatever was held back at the end, partial character and all
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, **kwargs: Any) -> str:
+    """The continuation of prompt as one string (see stream_text for the arguments)."""
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))

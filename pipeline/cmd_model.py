@@ -1,0 +1,126 @@
+"""`scratchgpt generate`: stream a sampled continuation of a prompt from an export folder or a checkpoint.
+
+Imports torch only when the command runs, so `scratchgpt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a trained model (export folder, checkpoint folder or workdir)",
+        description="Stream a continuation of --prompt to stdout, sampled with the KV cache. --model is an export "
+        "folder (config.json + model.safetensors + tokenizer files), a checkpoint folder (the one holding "
+        "`latest`), or a workdir (its pretrain/export, else pretrain/checkpoints).",
+    )
+    p.add_argument("--model", type=Path, required=True, help="export folder, checkpoint folder, or workdir")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens summing to p")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: a random one, printed)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer folder (default: the export folder, or <workdir>/tokenizer for a checkpoint)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_generate)
+
+
+def _is_export(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _is_checkpoints(path: Path) -> bool:
+    return (path / "latest").is_file()
+
+
+def resolve_model(path: Path) -> tuple[str, Path]:
+    """("export" | "checkpoint", folder) for what --model names; a clear error listing what was looked for."""
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path} does not exist")
+    for kind, folder in (
+        ("export", path),
+        ("checkpoint", path),
+        ("export", path / "pretrain" / "export"),
+        ("checkpoint", path / "pretrain" / "checkpoints"),
+    ):
+        if (_is_export if kind == "export" else _is_checkpoints)(folder):
+            return kind, folder
+    raise FileNotFoundError(
+        f"--model {path}: found neither an export (config.json and model.safetensors), nor a checkpoint folder "
+        f"(a `latest` file), nor a workdir holding pretrain/export or pretrain/checkpoints"
+    )
+
+
+def load_for_generation(path: Path, tokenizer_dir: Path | None) -> tuple[Any, Path]:
+    """The model (eval mode, fp32 on CPU) and the tokenizer folder to use with it."""
+    kind, folder = resolve_model(path)
+    if kind == "export":
+        from training.export import load_gpt
+
+        model, _ = load_gpt(folder)
+        return model.eval(), tokenizer_dir or folder
+    # A checkpoint: join its ZeRO partitions in this process (the trainer's reader), then build the model.
+    from training.checkpoint import full_state_dict
+    from training.export import from_hf_state_dict, to_hf_state_dict
+    from training.model import GPT, GPTConfig
+
+    state, meta = full_state_dict(folder)
+    config = GPTConfig.from_dict(meta["model_config"])
+    model = GPT(config)
+    # The export's renaming doubles as the check that the weights fit the config, with the same message.
+    model.load_state_dict(from_hf_state_dict(to_hf_state_dict(state, config)), strict=False)
+    return model.eval(), tokenizer_dir or folder.parent.parent / "tokenizer"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.sampling import check_sampling_args, stream_text
+
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        model, tokenizer_dir = load_for_generation(args.model, args.tokenizer)
+        tokenizer_file = tokenizer_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file} not found: pass --tokenizer DIR holding tokenizer.json")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scratchgpt generate: {exc}", file=sys.stderr)
+        return 2
+    from tokenizers import Tokenizer
+
+    from training.export import tokenizer_eos_id
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos_id = tokenizer_eos_id(tokenizer_dir)
+    if eos_id is None and not args.prompt:
+        print(f"scratchgpt generate: {tokenizer_file} has no end-of-text token to start from; give --prompt",
+              file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    generator = torch.Generator(device=device).manual_seed(seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.perf_counter()
+    sys.stdout.write(args.prompt)
+    with autocast:
+        for piece in stream_text(
+            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            generator, None if args.ignore_eos else eos_id, device, start_id=eos_id,
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[generate] seed {seed}, {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    return 0
