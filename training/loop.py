@@ -1,0 +1,244 @@
+"""The pretraining loop: DeepSpeed does the partitioning, this file only orders the steps.
+
+Per optimizer step: `grad_accum` micro-batches of `engine(x, y)`, `engine.backward`,
+`engine.step` (DeepSpeed applies the update, with clipping, on the last one).
+Around it: the learning rate from the step, evaluation, checkpoints, the stop
+conditions (max_steps, the max_minutes budget, SIGTERM/SIGUSR1) and the NaN guard.
+All ranks take every decision together: the stop flags ride on the same
+all-reduce as the loss, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training import checkpoint
+from training.config import TrainConfig
+from training.engine import Engine
+from training.metrics_logger import MetricsLogger
+from training.schedule import lr_at
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the checkpoint of the last good state."""
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 set a flag; the loop finishes the step, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    reason: str  # "max_steps", "max_minutes" or "signal"
+    checkpoint: str | None
+    train_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    tokens_per_sec: float = 0.0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # train loss of each step this process ran
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    eng: Engine
+    train_cfg: TrainConfig
+    loader: Any  # PackedLoader over the train split
+    make_val_loader: Callable[[], Any]  # a fresh val loader (shuffle off) per evaluation
+    ckpt_dir: Path
+    meta: dict[str, Any]  # written into each checkpoint's scratchgpt.json (model config, hashes)
+    bytes_per_token: float  # UTF-8 bytes per val token, for bits per byte
+    block_size: int
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # per device; 0 leaves MFU out
+    logger: MetricsLogger | None = None
+    sample: Callable[[int], str] | None = None  # called on every rank at each eval (ZeRO-3 gathers collectively)
+    on_step: Callable[[int], None] | None = None  # after each step: tests use it to send signals at a given step
+    step: int = 0
+
+    # ------------------------------------------------------------ resume
+
+    def resume(self) -> str | None:
+        """Continue from the newest complete checkpoint, if there is one. Returns its tag."""
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return None
+        state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        return tag
+
+    def save(self, loader_state: dict[str, Any] | None = None) -> str:
+        client = {"step": self.step, "loader": loader_state or self.loader.state_dict(),
+                  "rng": checkpoint.rng_state()}
+        return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, self.meta)
+
+    # ------------------------------------------------------------ one step
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        if self.eng.dist.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.eng.dist.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _train_step(self, stop_local: Callable[[], bool]) -> tuple[float, bool]:
+        """One optimizer step. Returns the mean loss over all ranks and micro-batches, and the agreed stop flag."""
+        engine = self.eng.engine
+        device = self.eng.dist.device
+        world = self.eng.dist.world_size
+        accum = self.train_cfg.grad_accum
+        loader_before = self.loader.state_dict()
+        total = 0.0
+        stop = False
+        for micro in range(accum):
+            x, y = self.loader.next_batch()
+            _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            last = micro == accum - 1
+            flag = 1.0 if last and stop_local() else 0.0
+            loss_sum, stop_votes = self._all_reduce([loss.item(), flag])
+            if not math.isfinite(loss_sum):
+                self._nonfinite(loss_sum / world, loader_before)
+            engine.backward(loss)
+            engine.step()
+            total += loss_sum / world
+            stop = stop_votes > 0
+        return total / accum, stop
+
+    def _nonfinite(self, value: float, loader_before: dict[str, Any]) -> None:
+        """Stop before the bad loss reaches the weights; checkpoint the state the step started from."""
+        bad_step = self.step + 1
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag != checkpoint.tag_for(self.step):
+            tag = self.save(loader_before)
+        raise NonFiniteLoss(
+            f"loss is {value} at step {bad_step}; training stopped. The last good state (step {self.step}) is "
+            f"checkpoint {self.ckpt_dir / tag}. Lower train.lr, raise train.warmup_steps or check the data, "
+            "then run again to resume from it."
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        import torch
+
+        engine = self.eng.engine
+        device = self.eng.dist.device
+        val = self.make_val_loader()
+        engine.eval()
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.train_cfg.eval_batches):
+                x, y = val.next_batch()
+                _, loss = engine(x.to(device), y.to(device))
+                total += loss.item()
+        engine.train()
+        (summed,) = self._all_reduce([total])
+        val_loss = summed / (self.train_cfg.eval_batches * self.eng.dist.world_size)
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
+        }
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> LoopResult:
+        cfg = self.train_cfg
+        world = self.eng.dist.world_size
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * self.block_size
+        budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        started = time.perf_counter()
+        train_time = 0.0
+        steps_timed = 0
+        result = LoopResult(step=self.step, reason="max_steps", checkpoint=None)
+        last_saved: str | None = None
+        with StopRequest() as stop_request:
+            while self.step < cfg.max_steps:
+                lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+                self.eng.set_lr(lr)
+                t0 = time.perf_counter()
+                over_budget = time.perf_counter() - started >= budget_s
+
+                def stop_local(over: bool = over_budget) -> bool:
+                    return over or stop_request.signal is not None
+
+                loss, stop = self._train_step(stop_local)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                train_time += dt
+                steps_timed += 1
+                result.losses.append(loss)
+                result.train_loss = loss
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    self._log_train(loss, lr, dt, tokens_per_step)
+                done = self.step >= cfg.max_steps
+                if self.step % cfg.eval_every == 0 or done or stop:
+                    result.val = self._eval_and_sample()
+                    result.evals.append({"step": self.step, **result.val})
+                if self.step % cfg.checkpoint_every == 0 or done or stop:
+                    last_saved = self.save()
+                if stop:
+                    result.reason = "signal" if stop_request.signal is not None else "max_minutes"
+                    break
+        result.step = self.step
+        result.checkpoint = last_saved
+        result.train_seconds = train_time
+        result.tokens_per_sec = tokens_per_step * steps_timed / train_time if train_time > 0 else 0.0
+        return result
+
+    def _log_train(self, loss: float, lr: float, dt: float, tokens_per_step: int) -> None:
+        if self.logger is None or not self.logger.enabled:
+            return
+        tokens_per_sec = tokens_per_step / dt
+        metrics = {"train_loss": loss, "lr": lr, "step_time": dt, "tokens_per_sec": tokens_per_sec}
+        norm = self.eng.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        if self.peak_flops > 0 and self.flops_per_token > 0:
+            metrics["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak_flops * self.eng.dist.world_size)
+        self.logger.log(metrics, self.step)
+
+    def _eval_and_sample(self) -> dict[str, float]:
+        val = self.evaluate()
+        if self.logger is not None:
+            self.logger.log(val, self.step)
+        if self.sample is not None:
+            text = self.sample(self.step)
+            if self.logger is not None:
+                self.logger.log_text(text, f"samples/step_{self.step:08d}.txt")
+        return val
