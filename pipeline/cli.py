@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_model"]
+COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,3 +93,5 @@ register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stage_tokenizer
                "train a byte-level BPE tokenizer on the clean documents"))
 register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stage_shard:run_shard",
                "tokenize clean documents into Arrow token shards"))
+register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stage_pretrain:run_pretrain",
+               "pretrain the GPT with DeepSpeed ZeRO-3"))
