@@ -156,7 +156,7 @@ def build(cfg: Config) -> PretrainSetup:
     trainer = Trainer(eng=eng, train_cfg=train, loader=loader, make_val_loader=make_val_loader,
                       ckpt_dir=paths["checkpoints"], meta=meta, bytes_per_token=bytes_per_token,
                       block_size=gcfg.block_size, flops_per_token=flops_per_token,
-                      peak_flops=peak_flops(dist.device, precision), sample=sampler)
+                      peak_flops=peak_flops(dist.device, precision), sample=sampler, progress=dist.is_main)
     return PretrainSetup(trainer=trainer, eng=eng, gcfg=gcfg, paths=paths, n_params=n_params, precision=precision,
                          estimate=estimate, sampler=sampler, manifest=manifest)
 

@@ -82,6 +82,7 @@ class Trainer:
     logger: MetricsLogger | None = None
     sample: Callable[[int], str] | None = None  # called on every rank at each eval (ZeRO-3 gathers collectively)
     on_step: Callable[[int], None] | None = None  # after each step: tests use it to send signals at a given step
+    progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
     step: int = 0
 
     # ------------------------------------------------------------ resume
@@ -209,7 +210,7 @@ class Trainer:
                 done = self.step >= cfg.max_steps
                 if self.step % cfg.eval_every == 0 or done or stop:
                     result.val = self._eval_and_sample()
-                    result.evals.append({"step": self.step, **result.val})
+                    result.evals.append({"step": self.step, "seconds": time.perf_counter() - started, **result.val})
                 if self.step % cfg.checkpoint_every == 0 or done or stop:
                     last_saved = self.save()
                 if stop:
@@ -222,9 +223,12 @@ class Trainer:
         return result
 
     def _log_train(self, loss: float, lr: float, dt: float, tokens_per_step: int) -> None:
+        tokens_per_sec = tokens_per_step / dt
+        if self.progress:
+            print(f"[pretrain] step {self.step}/{self.train_cfg.max_steps} loss {loss:.4f} lr {lr:.2e} "
+                  f"{tokens_per_sec:,.0f} tok/s", flush=True)
         if self.logger is None or not self.logger.enabled:
             return
-        tokens_per_sec = tokens_per_step / dt
         metrics = {"train_loss": loss, "lr": lr, "step_time": dt, "tokens_per_sec": tokens_per_sec}
         norm = self.eng.engine.get_global_grad_norm()
         if norm is not None:
@@ -237,6 +241,9 @@ class Trainer:
         val = self.evaluate()
         if self.logger is not None:
             self.logger.log(val, self.step)
+        if self.progress:
+            print(f"[pretrain] step {self.step} val_loss {val['val_loss']:.4f} val_bpb {val['val_bpb']:.4f}",
+                  flush=True)
         if self.sample is not None:
             text = self.sample(self.step)
             if self.logger is not None:

@@ -1,0 +1,118 @@
+"""The training loop in this process on DeepSpeed ZeRO-3 (world size 1, gloo): exact resume, NaN stop,
+refused resumes, export parity with transformers, missing inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import build_workdir, copy_inputs, tiny_config
+
+from pipeline.config import ConfigError
+from pipeline.stage_pretrain import build, export_checkpoint
+from training import checkpoint
+from training.loop import NonFiniteLoss
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("base")
+    build_workdir(workdir)
+    return workdir
+
+
+def workdir_from(base: Path, tmp_path: Path, name: str) -> Path:
+    workdir = tmp_path / name
+    copy_inputs(base, workdir)
+    return workdir
+
+
+def test_stopped_by_sigterm_and_resumed_equals_uninterrupted(base: Path, tmp_path: Path) -> None:
+    straight = build(tiny_config(workdir_from(base, tmp_path, "straight"))).trainer
+    full = straight.run()
+    assert full.reason == "max_steps" and full.step == 8
+
+    cfg = tiny_config(workdir_from(base, tmp_path, "stopped"))
+    first = build(cfg).trainer
+
+    def sigterm_at_3(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the loop finishes the next step and stops
+
+    first.on_step = sigterm_at_3
+    part = first.run()
+    assert part.reason == "signal" and part.step == 4
+    assert checkpoint.latest_tag(first.ckpt_dir) == "step_00000004"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after the run
+
+    second = build(cfg).trainer
+    assert second.resume() == "step_00000004" and second.step == 4
+    rest = second.run()
+    assert rest.step == 8
+    assert part.losses + rest.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-6)
+    assert [e["val_loss"] for e in rest.evals][-1] == pytest.approx(full.evals[-1]["val_loss"], rel=1e-6)
+    weights_a, _ = checkpoint.full_state_dict(straight.ckpt_dir)
+    weights_b, _ = checkpoint.full_state_dict(second.ckpt_dir)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_export_from_zero3_checkpoint_matches_transformers_and_the_engine(base: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    workdir = workdir_from(base, tmp_path, "export")
+    setup = build(tiny_config(workdir, "train.max_steps=4"))
+    setup.trainer.run()
+    out = export_checkpoint(setup.paths["checkpoints"], tmp_path / "hf", workdir / "tokenizer")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok("ROMEO: What say you?")["input_ids"]])
+    engine = setup.eng.engine
+    engine.eval()
+    with torch.no_grad():
+        ours, _ = engine(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(base: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(workdir_from(base, tmp_path, "nan"), "train.lr=1.0e+30", "train.warmup_steps=0",
+                      "train.grad_clip=0", "train.max_steps=50", "train.checkpoint_every=1000")
+    trainer = build(cfg).trainer
+    with pytest.raises(NonFiniteLoss) as err:
+        trainer.run()
+    bad = trainer.step + 1
+    assert f"at step {bad}" in str(err.value) and str(trainer.ckpt_dir) in str(err.value)
+    tag = checkpoint.latest_tag(trainer.ckpt_dir)
+    assert tag == checkpoint.tag_for(trainer.step)
+    weights, meta = checkpoint.full_state_dict(trainer.ckpt_dir)
+    assert meta["step"] == bad - 1
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_refused_resumes_fail_before_loading(base: Path, tmp_path: Path) -> None:
+    workdir = workdir_from(base, tmp_path, "refuse")
+    build(tiny_config(workdir, "train.max_steps=2")).trainer.run()
+    tag_dir = workdir / "pretrain" / "checkpoints" / "step_00000002"
+    for name in ("model.n_layer=3", "model.block_size=64"):
+        trainer = build(tiny_config(workdir, name)).trainer
+        with pytest.raises(checkpoint.CheckpointError, match="different model shape|larger than the position table"):
+            trainer.resume()
+
+    optim = next(tag_dir.glob("*optim_states.pt"))
+    optim.write_bytes(b"\0" * optim.stat().st_size)  # same size, garbage inside
+    trainer = build(tiny_config(workdir)).trainer
+    with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt cannot be read"):
+        trainer.resume()
+    optim.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt is missing"):
+        trainer.resume()
+
+
+def test_no_shards_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no token shards .*run `scratchgpt shard` first"):
+        build(tiny_config(tmp_path / "empty"))

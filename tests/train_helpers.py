@@ -1,0 +1,61 @@
+"""Shared set-up for the training tests: a small workdir with a real tokenizer and real token shards.
+
+Built through the real tokenizer and shard stages from Tiny Shakespeare (../shared/data), cut into
+documents of a few hundred lines. Holds no tests itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import Config, load_config
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+
+# A model small enough that a DeepSpeed step takes milliseconds on one core.
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.micro_batch_size=4", "train.grad_accum=1", "train.lr=0.003", "train.min_lr=0.0003",
+    "train.warmup_steps=2", "train.max_steps=8", "train.eval_every=4", "train.eval_batches=2",
+    "train.checkpoint_every=4", "train.log_every=1", "train.precision=fp32", "train.sample_tokens=8",
+    "train.sample_prompt='ROMEO:'",
+]
+
+
+def write_prep_output(workdir: Path, max_bytes: int = 200_000, lines_per_doc: int = 40) -> None:
+    """Documents of `lines_per_doc` lines from the start of Tiny Shakespeare, in the prep stage's output layout."""
+    import zstandard
+
+    lines = SHAKESPEARE.read_text(encoding="utf-8")[:max_bytes].splitlines(keepends=True)
+    docs = ["".join(lines[i:i + lines_per_doc]) for i in range(0, len(lines), lines_per_doc)]
+    out = workdir / "prep" / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    body = "".join(json.dumps({"text": t, "id": f"shakespeare/{i}", "metadata": {}}) + "\n" for i, t in enumerate(docs))
+    (out / "00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body.encode("utf-8")))
+
+
+def tiny_config(workdir: Path, *overrides: str) -> Config:
+    return load_config(None, [f"workdir={workdir}", "tokenizer.vocab_size=300", "shards.val_fraction=0.15",
+                              "shards.tasks=1", "shards.workers=1", *TINY, *overrides])
+
+
+def build_workdir(workdir: Path) -> Config:
+    """A workdir with prep output, a trained tokenizer and token shards (the pretrain stage's inputs)."""
+    from pipeline.stage_shard import run_shard
+    from pipeline.stage_tokenizer import run_tokenizer
+
+    cfg = tiny_config(workdir)
+    write_prep_output(workdir)
+    run_tokenizer(cfg)
+    run_shard(cfg)
+    return cfg
+
+
+def copy_inputs(base: Path, workdir: Path) -> None:
+    """A fresh workdir holding `base`'s tokenizer and shards, so each test trains from scratch."""
+    import shutil
+
+    for name in ("tokenizer", "shards"):
+        shutil.copytree(base / name, workdir / name)
