@@ -58,7 +58,7 @@ def read_marker(cfg: Config, name: str) -> dict[str, Any] | None:
     path = stage_dir(cfg, name) / MARKER
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # workdir under a file: no marker
         return None
 
 
