@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
 from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output
-from pipeline.stages import stage_dir, stage_hash
+from pipeline.stages import MARKER, stage_dir, stage_hash
 
 
 def shards_dir(cfg: Config) -> Path:
@@ -70,11 +70,13 @@ def val_input_files(cfg: Config) -> list[str]:
     return files
 
 
-def _start_fresh_if_config_changed(cfg: Config, logs: Path, out: Path, token_hash: str) -> None:
-    """Resume an interrupted run with the same config; anything else starts from an empty folder.
+def _start_fresh_unless_resuming(cfg: Config, logs: Path, out: Path, token_hash: str) -> None:
+    """Resume an interrupted run of the same config and tokenizer; anything else starts from empty folders.
 
     datatrove skips tasks it has completion files for, so files from a run with
-    another config or tokenizer must not survive into this one.
+    another config or tokenizer must not survive into this one. A completion
+    marker present here means the stage finished before and is being redone
+    (--force): start from scratch too.
     """
     identity = {"stage_hash": stage_hash(cfg, "shard"), "tokenizer_sha256": token_hash}
     stamp = logs / "run_identity.json"
@@ -82,7 +84,7 @@ def _start_fresh_if_config_changed(cfg: Config, logs: Path, out: Path, token_has
         previous = json.loads(stamp.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         previous = None
-    if previous != identity:
+    if previous != identity or (logs.parent / MARKER).exists():
         shutil.rmtree(logs, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(logs.parent / "removed", ignore_errors=True)
@@ -148,7 +150,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
 
     with stage_run(cfg, "shard", sections=("data", "shards"), tags={"tokenizer_sha256": token_hash}):
         started = time.time()
-        _start_fresh_if_config_changed(cfg, logs, out, token_hash)
+        _start_fresh_unless_resuming(cfg, logs, out, token_hash)
         writer_args = {"tokenizer_dir": tok_dir, "shards_dir": out, "val_fraction": sc.val_fraction,
                        "max_shard_bytes": sc.max_shard_bytes, "compression": sc.compression}
         main = [

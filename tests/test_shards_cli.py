@@ -88,6 +88,18 @@ def test_tokenizer_and_shard_commands(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["shard", str(cfg)]) == 0
     assert "complete, skipped" in capsys.readouterr().out
 
+    # Interrupted while task 1 ran: its files are gone, no stage marker. The rerun redoes task 1 alone.
+    (tmp_path / "shard" / "_COMPLETE.json").unlink()
+    (tmp_path / "shard" / "logs" / "docs" / "completions" / "00001").unlink()
+    (out / "_parts" / "docs-00001.json").unlink()
+    for path in out.glob("*/docs-00001-*.arrow"):
+        path.unlink()
+    task0 = {p: p.stat().st_mtime_ns for p in out.glob("*/docs-00000-*.arrow")}
+    assert main(["shard", str(cfg)]) == 0
+    assert "resuming: 1 already done" in capsys.readouterr().err
+    assert read_manifest(out) == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/docs-00000-*.arrow")} == task0  # task 0 not redone
+
     # Another task count: the same documents in the same splits, and no files left from the first run.
     assert main(["shard", str(cfg), "shards.tasks=1", "shards.workers=1"]) == 0
     again = read_manifest(out)
