@@ -18,6 +18,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="override single keys")
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def print_summary(name: str, summary: dict[str, Any], seconds: float) -> None:
     print(f"\n[{name}] done in {seconds:.1f} s")
     for key, value in summary.items():
@@ -44,7 +48,8 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    switched = [override for flag, override, _ in STAGES[args.command].flags if getattr(args, _dest(flag))]
+    cfg = load_config(args.config, [*args.overrides, *switched])
     run_stage(cfg, args.command, force=args.force)
     return 0
 
@@ -59,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train"]
+COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=stage.help, description=stage.help)
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+        for flag, override, text in stage.flags:
+            p.add_argument(flag, action="store_true", help=f"{text} (same as {override})")
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("run", help="run every stage in order, skipping complete ones")
     _add_config_args(p)

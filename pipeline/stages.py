@@ -30,6 +30,8 @@ class Stage:
     entry: str  # "module:function" taking the Config and returning the summary figures;
     # imported only when the stage runs, so `--help` does not pay for torch or datatrove.
     help: str = ""
+    # Extra command-line switches: (flag, the override it stands for, help).
+    flags: tuple[tuple[str, str, str], ...] = ()
 
     def run(self, cfg: Config) -> dict[str, Any]:
         module, _, func = self.entry.partition(":")
@@ -95,3 +97,7 @@ register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.sta
                "tokenize clean documents into Arrow token shards"))
 register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stage_pretrain:run_pretrain",
                "pretrain the GPT with DeepSpeed ZeRO-3"))
+register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stage_finetune:run_finetune",
+               "fine-tune the pretrained model on each task in finetune.tasks",
+               flags=(("--from-scratch", "finetune.from_scratch=true",
+                       "train the same architecture from random weights (the no-pretraining baseline)"),)))

@@ -95,7 +95,8 @@ def stage_run(
     }
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
+    nested = mlflow.active_run() is not None  # a stage run inside the pipeline's (or a task's inside a stage's)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags, nested=nested) as run:
         if sections:
             params = flatten(cfg.model_dump(mode="json", include=set(sections)))
             mlflow.log_params(params)

@@ -85,3 +85,19 @@ def test_scores() -> None:
     assert confusion_matrix(gold, pred, 3) == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
     # per-class F1: 0.5, 0.8, 0.0
     assert macro_f1(gold, pred, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_long_texts_are_truncated_on_the_configured_side_and_counted() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from training.finetune import encode_classification
+    from training.tasks import Example
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    examples = [Example("a b c a b c", 0), Example("a b", 1)]
+    left = encode_classification(tok, examples, [0, 1], block_size=4, side="left")
+    right = encode_classification(tok, examples, [0, 1], block_size=4, side="right")
+    assert left.truncated == right.truncated == 1
+    assert left.ids == [[3, 1, 2, 3], [1, 2]]
+    assert right.ids == [[1, 2, 3, 1], [1, 2]]

@@ -76,8 +76,10 @@ class TaskConfig(Section):
     lm_loss_weight: float = Field(0.5, ge=0, description="GPT-1's auxiliary language-modelling loss.")
     eval_every: int = Field(100, ge=1)
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping early.")
-    from_scratch: bool = False
+    from_scratch: bool = Field(False, description="Train this task from random weights.")
 
 
 class FinetuneConfig(Section):
     tasks: list[TaskConfig] = Field(default_factory=list)
+    init_from: str | None = Field(None, description="Export folder to start from (null: <workdir>/pretrain/export).")
+    from_scratch: bool = Field(False, description="Train every task from random weights: the no-pretraining baseline.")

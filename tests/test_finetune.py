@@ -1,0 +1,136 @@
+"""Fine-tuning end to end on a slice of SST-2 with a tiny model: trains, evaluates, logs, exports, reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.stage_finetune import run_finetune
+from training.classifier import load_classifier
+from training.tasks import read_classification
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+
+
+def _slice(src: Path, dst: Path, rows: int) -> Path:
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    dst.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT exported with a BPE tokenizer trained on SST-2 text (stands in for pretraining)."""
+    from dataprep.tokenizer import save_tokenizer, train_tokenizer
+    from training.export import export_hf
+    from training.model import GPT, GPTConfig
+
+    root = tmp_path_factory.mktemp("pretrained")
+    texts = [e.text for e in read_classification(SST2 / "train.tsv", "sentence", "label")[:5000]]
+    save_tokenizer(train_tokenizer(texts, vocab_size=512), root / "tokenizer")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    export_hf(GPT(config).state_dict(), config, root / "tokenizer", root / "export")
+    return root
+
+
+def _config(tmp_path: Path, pretrained: Path, *extra: str, steps: int = 30):
+    train = _slice(SST2 / "train.tsv", tmp_path / "train.tsv", 600)
+    dev = _slice(SST2 / "dev.tsv", tmp_path / "dev.tsv", 120)
+    task = {"name": "sst2", "kind": "classification", "train": str(train), "eval": str(dev),
+            "text_key": "sentence", "eval_text_key": "content", "label_key": "label",
+            "max_steps": steps, "micro_batch_size": 16, "lr": 3e-3, "eval_every": min(10, steps), "patience": 5}
+    return load_config(None, [f"workdir={tmp_path / 'work'}", f"finetune.init_from={pretrained / 'export'}",
+                              f"finetune.tasks=[{json.dumps(task)}]", "train.precision=fp32", *extra])
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, pretrained: Path) -> tuple[Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("finetuned")
+    return tmp_path, run_finetune(_config(tmp_path, pretrained))
+
+
+def test_classification_trains_evaluates_logs_and_exports(finetuned: tuple[Path, dict]) -> None:
+    tmp_path, summary = finetuned
+    assert 0.0 <= summary["sst2"]["eval_accuracy"] <= 1.0
+    out = tmp_path / "work" / "finetune" / "sst2"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [10, 20, 30]
+    confusion = json.loads((out / "confusion.json").read_text())
+    assert confusion["labels"] == ["0", "1"] and sum(map(sum, confusion["matrix"])) == 120
+
+    # MLflow: a finetune run with one child run per task holding the eval metrics by step.
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
+    parent = next(r for r in runs if r.data.tags["stage"] == "finetune")
+    child = next(r for r in runs if r.data.tags["stage"] == "finetune/sst2")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    history = client.get_metric_history(child.info.run_id, "eval_accuracy")
+    assert [m.step for m in history] == [10, 20, 30]
+    assert max(m.value for m in history) == pytest.approx(summary["sst2"]["eval_accuracy"])
+
+    # The saved classifier reloads with the same predictions, and transformers gives the same logits.
+    model, labels, pad = load_classifier(out / "export")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "export" / "tokenizer.json"))
+    texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"]
+    rows = [e.ids for e in tok.encode_batch(texts)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    ours, _ = model(ids, lengths)
+    from transformers import GPT2ForSequenceClassification
+
+    hf = GPT2ForSequenceClassification.from_pretrained(out / "export", local_files_only=True).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert hf.config.id2label == {0: "0", 1: "1"}
+
+
+def test_accuracy_on_eval_matches_a_reloaded_model(finetuned: tuple[Path, dict]) -> None:
+    """The accuracy the stage reports is what the exported classifier scores on the eval file."""
+    tmp_path, summary = finetuned
+    model, labels, pad = load_classifier(tmp_path / "work" / "finetune" / "sst2" / "export")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "work" / "finetune" / "sst2" / "export" / "tokenizer.json"))
+    dev = read_classification(tmp_path / "dev.tsv", "content", "label")
+    correct = 0
+    with torch.no_grad():
+        for e in dev:
+            ids = tok.encode(e.text).ids[-64:]
+            logits, _ = model(torch.tensor([ids]), torch.tensor([len(ids)]))
+            correct += labels[int(logits.argmax())] == e.label
+    assert correct / len(dev) == pytest.approx(summary["sst2"]["eval_accuracy"])
+
+
+def test_from_scratch_writes_beside_the_pretrained_run(tmp_path: Path, pretrained: Path) -> None:
+    cfg = _config(tmp_path, pretrained, "finetune.from_scratch=true", "model.n_layer=1", "model.n_embd=32",
+                  "model.n_head=2", "model.block_size=64", steps=4)
+    run_finetune(cfg)
+    export = tmp_path / "work" / "finetune" / "sst2-scratch" / "export"
+    model, _, _ = load_classifier(export)
+    assert model.gpt.config.n_layer == 1  # the configured shape, not the pretrained one
+
+
+def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict], capsys) -> None:
+    from pipeline.cli import main
+
+    tmp_path, _ = finetuned
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gorgeous , witty , seductive movie .\n\nthe plot is nothing but clichés\n")
+    assert main(["predict", "--model", str(tmp_path / "work" / "finetune" / "sst2" / "export"),
+                 "--file", str(texts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["a gorgeous , witty , seductive movie .", "the plot is nothing but clichés"]
+    for r in rows:
+        assert r["label"] in ("0", "1")
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["probability"] == max(r["probabilities"].values())

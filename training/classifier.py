@@ -1,0 +1,113 @@
+"""GPT-1 style sequence classification: a linear head on the final hidden state of the last real token.
+
+Export writes a folder `transformers.GPT2ForSequenceClassification` loads: the
+transformer under `transformer.*`, the head as `score.weight`, the label names
+in config.json's id2label, and the pad id that tells HF where each text ends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.model import GPT, GPTConfig
+
+LABELS_FILE = "labels.json"
+
+
+class GPTClassifier(nn.Module):
+    def __init__(self, config: GPTConfig, num_labels: int) -> None:
+        super().__init__()
+        self.gpt = GPT(config)
+        self.score = nn.Linear(config.n_embd, num_labels, bias=False)  # no bias, as GPT2ForSequenceClassification
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        lengths: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lm_weight: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits [B, num_labels] from right-padded idx [B, T] whose rows hold `lengths` real tokens.
+
+        With labels: cross-entropy, plus `lm_weight` times the language-modelling loss on the real tokens
+        (GPT-1's auxiliary objective, which it found helps larger data sets and speeds convergence).
+        """
+        hidden = self.gpt.hidden_states(idx)
+        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        logits = self.score(last)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float(), labels)
+        if lm_weight > 0:
+            positions = torch.arange(idx.size(1) - 1, device=idx.device)
+            targets = idx[:, 1:].masked_fill(positions[None, :] >= (lengths[:, None] - 1), -100)
+            lm_logits = self.gpt.lm_head(hidden[:, :-1])
+            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
+                                      ignore_index=-100)
+            loss = loss + lm_weight * lm_loss
+        return logits, loss
+
+
+def export_classifier(
+    state_dict: dict[str, torch.Tensor],
+    config: GPTConfig,
+    labels: list[str],
+    pad_id: int,
+    tokenizer_dir: Path | None,
+    out_dir: Path,
+) -> Path:
+    """A GPT2ForSequenceClassification folder, plus labels.json for `scratchgpt predict`."""
+    from safetensors.torch import load_file, save_file
+
+    from training.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
+
+    gpt_state = {k.removeprefix("gpt."): v for k, v in state_dict.items() if k.startswith("gpt.")}
+    export_hf(gpt_state, config, tokenizer_dir, out_dir)
+    weights = load_file(str(out_dir / WEIGHTS_FILE))
+    weights["score.weight"] = state_dict["score.weight"].detach().float().cpu().contiguous()
+    save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    fields = json.loads((out_dir / CONFIG_FILE).read_text())
+    fields.update(
+        architectures=["GPT2ForSequenceClassification"],
+        num_labels=len(labels),
+        id2label={str(i): label for i, label in enumerate(labels)},
+        label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=pad_id,
+    )
+    (out_dir / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
+    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels, "pad_id": pad_id}, indent=2) + "\n")
+    return out_dir
+
+
+def load_classifier(folder: str | Path) -> tuple[GPTClassifier, list[str], int]:
+    """A classifier exported by export_classifier: (model, label names, pad id). safetensors only."""
+    from safetensors.torch import load_file
+
+    from training.export import CONFIG_FILE, WEIGHTS_FILE, _config_from_hf, from_hf_state_dict
+
+    folder = Path(folder)
+    labels_path = folder / LABELS_FILE
+    for path in (labels_path, folder / CONFIG_FILE, folder / WEIGHTS_FILE):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {folder} is not a fine-tuned classifier export")
+    info: dict[str, Any] = json.loads(labels_path.read_text())
+    config = _config_from_hf(json.loads((folder / CONFIG_FILE).read_text()), folder / CONFIG_FILE)
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    score = weights.pop("score.weight", None)
+    if score is None:
+        raise ValueError(f"{folder / WEIGHTS_FILE} has no score.weight: not a classifier export")
+    model = GPTClassifier(config, len(info["labels"]))
+    missing, unexpected = model.gpt.load_state_dict(
+        {k: v.float() for k, v in from_hf_state_dict(weights).items()}, strict=False
+    )
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit its config: missing {missing}, unexpected {unexpected}")
+    model.score.weight.data.copy_(score.float())
+    return model.eval(), list(info["labels"]), int(info["pad_id"])
