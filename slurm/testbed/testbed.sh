@@ -31,7 +31,7 @@ need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it creates network na
 
 need_tools() {
     local missing=()
-    for tool in munged mungekey slurmctld slurmd scontrol sinfo squeue scancel ip nsenter unshare; do
+    for tool in munged mungekey slurmctld slurmd scontrol sinfo squeue scancel ip ss nsenter unshare flock; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     [ ${#missing[@]} = 0 ] || die "missing ${missing[*]}: apt-get install -y slurm-wlm munge"
@@ -109,13 +109,17 @@ cmd_down() {
 
 render_conf() {
     local nodes=$1 cpus=$2 host=$3
+    # The nodes share this machine's memory: each gets its share, so that `--mem` requests up to it run.
+    local mem_mb
+    mem_mb=$(awk -v n="$nodes" '/^MemTotal:/ {m = int($2 / 1024 / n); print (m > 0 ? m : 1)}' /proc/meminfo)
     mkdir -p "$STATE/etc"
     sed -e "s|@CTLD_HOST@|$host|g" -e "s|@CTLD_ADDR@|$CTLD_ADDR|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
         -e "s|@STATE@|$STATE|g" "$HERE/slurm.conf.in" >"$CONF"
     {
         echo
         for i in $(seq "$nodes"); do
-            echo "NodeName=$NODE_PREFIX$i NodeAddr=$(node_addr "$i") NodeHostname=$NODE_PREFIX$i CPUs=$cpus State=UNKNOWN"
+            echo "NodeName=$NODE_PREFIX$i NodeAddr=$(node_addr "$i") NodeHostname=$NODE_PREFIX$i" \
+                "CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
         done
         echo "PartitionName=debug Nodes=$NODE_PREFIX[1-$nodes] Default=YES MaxTime=INFINITE State=UP"
     } >>"$CONF"
@@ -137,7 +141,7 @@ start_munge() {
     mungekey --create --keyfile="$STATE/munge-key/munge.key" 2>/dev/null
     munged --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge-key/munge.key" \
         --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
-        --seed-file="$STATE/munge-key/munged.seed"
+        --seed-file="$STATE/munge-key/munged.seed" 9<&-
 }
 
 start_network() {
@@ -165,7 +169,22 @@ start_slurmd() {
     SLURM_CONF=$CONF nsenter --net="/run/netns/$ns" \
         unshare --uts --mount --propagation slave \
         sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd -N "$1" -f "$3"' \
-        sh "$ns" "$STATE/etc/hosts" "$CONF"
+        sh "$ns" "$STATE/etc/hosts" "$CONF" 9<&-
+}
+
+check_port_free() {
+    # A controller left over from elsewhere would answer our clients with its own cluster.
+    local holder
+    holder=$(ss -Hltnp "sport = :$CTLD_PORT" 2>/dev/null | grep -o 'users:.*' || true)
+    [ -z "$holder" ] || die "port $CTLD_PORT is taken ($holder): stop that process or set SG_TESTBED_CTLD_PORT"
+}
+
+hint_firewall() {
+    # With br_netfilter loaded, bridged traffic between the nodes passes the host's iptables FORWARD chain
+    # (Docker hosts set it to DROP), and node -> controller traffic passes INPUT.
+    if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ]; then
+        log "hint: net.bridge.bridge-nf-call-iptables=1 here: make sure the firewall accepts traffic on $BRIDGE"
+    fi
 }
 
 dump_logs() {
@@ -211,6 +230,7 @@ cmd_up() {
         return 0
     fi
     cmd_down 2>/dev/null
+    check_port_free
     local start=$SECONDS host
     host=$(hostname -s)
     mkdir -p "$STATE/run" "$STATE/log" "$STATE/ctld" "$STATE/spool"
@@ -219,13 +239,14 @@ cmd_up() {
     if ! {
         start_munge &&
             start_network "$nodes" &&
-            SLURM_CONF=$CONF slurmctld -c -f "$CONF" &&
+            SLURM_CONF=$CONF slurmctld -c -f "$CONF" 9<&- &&
             wait_for 30 "slurmctld" bash -c "SLURM_CONF=$CONF scontrol ping | grep -q 'is UP'" &&
             for i in $(seq "$nodes"); do start_slurmd "$i" || exit 1; done &&
             wait_for 60 "all $nodes nodes idle" all_idle "$nodes"
     }; then
         dump_logs
         nodes_state >&2 || true
+        hint_firewall
         cmd_down
         die "bring-up failed (logs above)"
     fi
@@ -245,9 +266,16 @@ cmd_status() {
     healthy "$n"
 }
 
+# One up/down at a time on this machine. The lock is on this script (nothing left behind); the
+# daemons are started with fd 9 closed, or they would hold the lock for as long as they run.
+serialize() {
+    exec 9<"${BASH_SOURCE[0]}"
+    flock -w 180 9 || die "another testbed.sh up/down still runs after 180 s"
+}
+
 case ${1:-} in
-    up) shift; cmd_up "$@" ;;
-    down) cmd_down ;;
+    up) shift; serialize; cmd_up "$@" ;;
+    down) serialize; cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
     *) echo "usage: $0 up [-n NODES] [-c CPUS] | down | status | env" >&2; exit 2 ;;

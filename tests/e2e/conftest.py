@@ -6,11 +6,15 @@ The cluster is torn down in a `finally`, also when a test fails or is interrupte
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontro
 # Daemons live in sbin, which is not always on a test runner's PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 NODES = 2
+SESSION_LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "scratchgpt-testbed.lock"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -62,6 +67,26 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _exclusive_testbed(timeout: float = 600) -> Iterator[None]:
+    """There is one test bed per machine: a second test session waits here instead of tearing
+    down the cluster under the first one."""
+    with open(SESSION_LOCK, "w") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test session held the Slurm test bed ({SESSION_LOCK}) for {timeout:.0f}s")
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _testbed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(TESTBED), *args],
@@ -70,6 +95,10 @@ def _testbed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
         timeout=timeout,
         env={**os.environ, "PATH": SEARCH_PATH},
     )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
@@ -83,30 +112,35 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             pytest.fail(reason)
         pytest.skip(reason)
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "PATH")}
-    try:
-        start = time.monotonic()
-        up = _testbed("up", "-n", str(NODES))
-        bringup = time.monotonic() - start
-        if up.returncode:
-            pytest.fail(f"the Slurm test bed did not come up:\n{up.stderr}")
-        conf = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
-        assert conf, up.stdout
-        os.environ["SLURM_CONF"] = conf.group(1)
-        os.environ["PATH"] = SEARCH_PATH
-        print(f"\nSlurm test bed up in {bringup:.1f}s", file=sys.stderr)
-        yield SlurmCluster(
-            conf=Path(conf.group(1)),
-            nodes=[f"sgnode{i}" for i in range(1, NODES + 1)],
-            node_interface="sgtb0",
-            python=sys.executable,
-            bringup_seconds=bringup,
-        )
-    finally:
-        down = _testbed("down")
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if down.returncode:
-            print(f"Slurm test bed teardown failed:\n{down.stderr}", file=sys.stderr)
+    # A CI timeout sends SIGTERM, which would end pytest without running the `finally` below.
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    with _exclusive_testbed():
+        try:
+            start = time.monotonic()
+            up = _testbed("up", "-n", str(NODES))
+            bringup = time.monotonic() - start
+            if up.returncode:
+                pytest.fail(f"the Slurm test bed did not come up:\n{up.stderr}")
+            conf = re.search(r"export SLURM_CONF=(\S+)", up.stdout)
+            assert conf, up.stdout
+            os.environ["SLURM_CONF"] = conf.group(1)
+            os.environ["PATH"] = SEARCH_PATH
+            print(f"\nSlurm test bed up in {bringup:.1f}s", file=sys.stderr)
+            yield SlurmCluster(
+                conf=Path(conf.group(1)),
+                nodes=[f"sgnode{i}" for i in range(1, NODES + 1)],
+                node_interface="sgtb0",
+                python=sys.executable,
+                bringup_seconds=bringup,
+            )
+        finally:
+            # Also after a failed test or Ctrl-C: no daemon, namespace or bridge outlives the session.
+            down = _testbed("down")
+            signal.signal(signal.SIGTERM, previous_term)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if down.returncode:
+                print(f"Slurm test bed teardown failed:\n{down.stderr}", file=sys.stderr)
