@@ -79,3 +79,46 @@ def test_master_resolves_through_slurm_where_names_do_not(slurm_cluster) -> None
     from pipeline.launch import resolve_master
 
     assert resolve_master(slurm_cluster.nodes[0], multi_node=True) == "10.77.0.11"
+
+
+def submit_and_wait(slurm_cluster, tmp_path: Path, body: str, *options: str) -> tuple[dict[str, str], str]:
+    script = tmp_path / "job.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/slurm-%j.out\n{body}\n")
+    job_id = slurm_cluster.sbatch(script, f"--chdir={REPO}", *options)
+    state = slurm_cluster.wait(job_id, timeout=60)
+    log = tmp_path / f"slurm-{job_id}.out"
+    return state, log.read_text() if log.exists() else ""
+
+
+def test_ranks_of_two_tasks_per_node(slurm_cluster, tmp_path: Path) -> None:
+    # 2 nodes x 2 tasks (overcommitting the test bed's one CPU per node): local ranks and node ranks
+    # come from Slurm's per-node layout, and every task agrees on one master address and port.
+    state, text = submit_and_wait(
+        slurm_cluster,
+        tmp_path,
+        f"srun --ntasks=4 --ntasks-per-node=2 --overcommit {slurm_cluster.python} -m pipeline.launch "
+        f"--network-interface {slurm_cluster.node_interface}",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+    )
+    assert state["JobState"] == "COMPLETED", text
+    tasks = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")), key=lambda t: t["rank"])
+    assert [(t["rank"], t["local_rank"], t["node_rank"], t["hostname"]) for t in tasks] == [
+        (0, 0, 0, "sgnode1"),
+        (1, 1, 0, "sgnode1"),
+        (2, 0, 1, "sgnode2"),
+        (3, 1, 1, "sgnode2"),
+    ]
+    assert {(t["world_size"], t["local_world_size"], t["master_addr"], t["master_port"]) for t in tasks} == {
+        (4, 2, "10.77.0.11", tasks[0]["master_port"])
+    }
+
+
+def test_batch_script_without_srun_is_refused(slurm_cluster, tmp_path: Path) -> None:
+    # The batch script alone is one process of a 2-task job: starting training there would hang
+    # forever waiting for rank 1. It must fail at once and say to use srun.
+    state, text = submit_and_wait(
+        slurm_cluster, tmp_path, f"{slurm_cluster.python} -m pipeline.launch", "--nodes=2", "--ntasks-per-node=1"
+    )
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", (state, text)
+    assert "SLURM_NTASKS=2 but this process is the batch script" in text and "srun" in text, text
