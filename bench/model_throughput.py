@@ -92,6 +92,31 @@ def main() -> None:
     print(json.dumps({"figure": "fwd_bwd_tokens_per_sec_ours", "value": round(ours_tps, 1), **common}))
     print(json.dumps({"figure": "ours_vs_transformers_ratio", "value": round(ours_tps / ref, 3), **common}))
 
+    # Generation: the KV cache against recomputing the whole context each step, same seeded tokens.
+    ours.eval()
+    prompt = x[:1, :1]
+    new = config.block_size - 1
+
+    def generate(use_cache: bool) -> float:
+        started = time.perf_counter()
+        with autocast:
+            out = ours.generate(prompt, new, generator=torch.Generator(args.device).manual_seed(0), use_cache=use_cache)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        results.append(out)
+        return new / seconds
+
+    results: list[torch.Tensor] = []
+    generate(True)  # warm-up
+    cached = statistics.median(generate(True) for _ in range(3))
+    plain = statistics.median(generate(False) for _ in range(3))
+    same = all(torch.equal(results[0], r) for r in results)
+    common = {"device": args.device, "threads": threads, "new_tokens": new, "same_tokens": same}
+    print(json.dumps({"figure": "generate_tokens_per_sec_kv_cache", "value": round(cached, 1), **common}))
+    print(json.dumps({"figure": "generate_tokens_per_sec_no_cache", "value": round(plain, 1), **common}))
+    print(json.dumps({"figure": "kv_cache_speedup", "value": round(cached / plain, 2), **common}))
+
 
 if __name__ == "__main__":
     main()

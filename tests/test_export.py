@@ -148,3 +148,43 @@ def test_load_gpt_refuses_damaged_weights(tmp_path):
     (out / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="model.safetensors could not be read"):
         load_gpt(out)
+
+
+def test_bf16_export_loads_in_transformers(tmp_path):
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, None, tmp_path / "export", dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = load_hf(out)
+    assert hf.transformer.wte.weight.dtype == torch.bfloat16
+    loaded, _ = load_gpt(out)  # back to fp32, values rounded once
+    torch.testing.assert_close(loaded.wte.weight, model.wte.weight.bfloat16().float())
+
+
+def test_load_gpt_reads_a_folder_transformers_saved(tmp_path):
+    """The reverse mapping and the config derived from GPT-2 fields alone (no scratchgpt key)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_cfg = GPT2Config(vocab_size=120, n_positions=24, n_embd=48, n_layer=2, n_head=3,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    model, config = load_gpt(tmp_path / "hf")
+    assert (config.vocab_size, config.block_size, config.n_embd, config.position) == (120, 24, 48, "learned")
+    idx = torch.randint(0, 120, (2, 24))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_load_gpt_refuses_a_gpt2_variant_it_does_not_build(tmp_path):
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, None, tmp_path / "export")
+    fields = json.loads((out / "config.json").read_text())
+    del fields["scratchgpt"]
+    fields["activation_function"] = "relu"
+    (out / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        load_gpt(out)
