@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -134,3 +135,36 @@ def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict
         assert r["label"] in ("0", "1")
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert r["probability"] == max(r["probabilities"].values())
+
+
+def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, pretrained: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from training.finetune import encode_sft
+    from training.tasks import Example
+
+    tok = Tokenizer.from_file(str(pretrained / "export" / "tokenizer.json"))
+    enc = encode_sft(tok, [Example(prompt="Review: great film", text=" positive")], eot_id=0, block_size=64,
+                     side="left")
+    prompt_len = len(tok.encode("Review: great film").ids)
+    response = tok.encode(" positive").ids + [0]
+    assert enc.targets[0] == [-100] * (prompt_len - 1) + response  # target t is token t+1: loss only on the answer
+
+    rows = [{"prompt": f"Review: {e.text}\nSentiment:", "response": " positive" if e.label == "1" else " negative"}
+            for e in read_classification(SST2 / "dev.tsv", "content", "label")[:200]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:160]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[160:]))
+    task = {"name": "sst2-sft", "kind": "sft", "train": str(tmp_path / "train.jsonl"),
+            "eval": str(tmp_path / "eval.jsonl"), "max_steps": 40, "micro_batch_size": 16, "lr": 1e-2,
+            "eval_every": 20, "patience": 5}
+    cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"finetune.init_from={pretrained / 'export'}",
+                             f"finetune.tasks=[{json.dumps(task)}]", "train.precision=fp32"])
+    summary = run_finetune(cfg)["sst2-sft"]
+    history = json.loads((tmp_path / "work" / "finetune" / "sst2-sft" / "metrics.json").read_text())["history"]
+    # The answers are one of two words then end-of-text: the loss on them falls from ln(512) = 6.2 nats to
+    # below 1 (guessing the word at chance and the rest right is about 0.35 nats per token).
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"] < 1.0 < math.log(512)
+    assert summary["eval_loss"] == min(h["eval_loss"] for h in history)
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(tmp_path / "work" / "finetune" / "sst2-sft" / "export", local_files_only=True)
