@@ -10,9 +10,12 @@
 #
 # `up` is idempotent: a healthy cluster of the requested shape is left alone, anything
 # else is torn down first. Traffic stays on loopback and the private bridge subnet.
+# Environment: SG_TESTBED_SUBNET (first three octets of the /24, default 10.77.0),
+# SG_TESTBED_CTLD_PORT (slurmctld's port on the host, default 6817).
 set -euo pipefail
 
-STATE=${SG_TESTBED_DIR:-/run/scratchgpt-testbed}
+# One test bed per machine: namespace, bridge and node names are global, so the state folder is fixed.
+STATE=/run/scratchgpt-testbed
 NODE_PREFIX=sgnode               # Slurm node name, network namespace and hostname
 BRIDGE=sgtb-br0
 NODE_IF=sgtb0                    # the interface name inside every node (GLOO/NCCL_SOCKET_IFNAME)
@@ -52,12 +55,18 @@ live_pid() {
     echo "$pid"
 }
 
+running() {  # a zombie has finished: some inits (containers, micro-VMs) are slow to reap them
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    [ "$(echo "${stat##*) }" | cut -d' ' -f1)" != Z ]
+}
+
 stop_pids() {  # TERM, then KILL whatever is left after 3 s
     [ $# = 0 ] && return 0
     kill -TERM "$@" 2>/dev/null || true
     for _ in $(seq 30); do
         local alive=()
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+        for p in "$@"; do running "$p" && alive+=("$p"); done
         [ ${#alive[@]} = 0 ] && return 0
         sleep 0.1
     done
@@ -179,6 +188,13 @@ check_port_free() {
     [ -z "$holder" ] || die "port $CTLD_PORT is taken ($holder): stop that process or set SG_TESTBED_CTLD_PORT"
 }
 
+check_subnet_free() {
+    # Our bridge is gone after cmd_down: any route into the subnet now belongs to someone else.
+    local taken
+    taken=$(ip -4 route show to match "$CTLD_ADDR" 2>/dev/null | grep -v '^default' || true)
+    [ -z "$taken" ] || die "$SUBNET.0/24 is already routed here ($taken): set SG_TESTBED_SUBNET to another /24 prefix"
+}
+
 hint_firewall() {
     # With br_netfilter loaded, bridged traffic between the nodes passes the host's iptables FORWARD chain
     # (Docker hosts set it to DROP), and node -> controller traffic passes INPUT.
@@ -222,6 +238,9 @@ cmd_up() {
     done
     [[ $nodes =~ ^[0-9]+$ ]] && [ "$nodes" -ge 1 ] && [ "$nodes" -le 200 ] || die "-n: 1..200 nodes, got $nodes"
     [[ $cpus =~ ^[0-9]+$ ]] && [ "$cpus" -ge 1 ] || die "-c: CPUs per node must be >= 1, got $cpus"
+    [[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "SG_TESTBED_SUBNET=$SUBNET: want three octets, e.g. 10.77.0"
+    [[ $CTLD_PORT =~ ^[0-9]+$ ]] && [ "$CTLD_PORT" -ge 1 ] && [ "$CTLD_PORT" -le 65535 ] ||
+        die "SG_TESTBED_CTLD_PORT=$CTLD_PORT is not a TCP port"
     need_root
     need_tools
     if healthy "$nodes" && grep -q "CPUs=$cpus " "$CONF"; then
@@ -231,28 +250,37 @@ cmd_up() {
     fi
     cmd_down 2>/dev/null
     check_port_free
-    local start=$SECONDS host
+    check_subnet_free
+    local start=$EPOCHREALTIME host
     host=$(hostname -s)
     mkdir -p "$STATE/run" "$STATE/log" "$STATE/ctld" "$STATE/spool"
     chmod 0755 "$STATE"
     render_conf "$nodes" "$cpus" "$host"
-    if ! {
-        start_munge &&
-            start_network "$nodes" &&
-            SLURM_CONF=$CONF slurmctld -c -f "$CONF" 9<&- &&
-            wait_for 30 "slurmctld" bash -c "SLURM_CONF=$CONF scontrol ping | grep -q 'is UP'" &&
-            for i in $(seq "$nodes"); do start_slurmd "$i" || exit 1; done &&
-            wait_for 60 "all $nodes nodes idle" all_idle "$nodes"
-    }; then
-        dump_logs
-        nodes_state >&2 || true
-        hint_firewall
-        cmd_down
-        die "bring-up failed (logs above)"
-    fi
-    log "up: $nodes nodes x $cpus CPU in $((SECONDS - start))s (state in $STATE)"
+    # Under `set -e` any failing step exits; the trap then shows the logs and removes the half-built cluster.
+    trap bringup_failed EXIT
+    start_munge
+    start_network "$nodes"
+    SLURM_CONF=$CONF slurmctld -c -f "$CONF" 9<&-
+    wait_for 30 "slurmctld" ctld_up
+    for i in $(seq "$nodes"); do start_slurmd "$i"; done
+    wait_for 60 "all $nodes nodes idle" all_idle "$nodes"
+    trap - EXIT
+    log "up: $nodes nodes x $cpus CPU in $(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')s" \
+        "(state in $STATE)"
     cmd_env
 }
+
+bringup_failed() {
+    trap - EXIT
+    dump_logs
+    nodes_state >&2 || true
+    hint_firewall
+    cmd_down
+    log "error: bring-up failed (logs above)"
+    exit 1
+}
+
+ctld_up() { SLURM_CONF=$CONF timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 cmd_env() { echo "export SLURM_CONF=$CONF"; }
 

@@ -39,6 +39,7 @@ class SlurmCluster:
     node_interface: str  # the interface name inside every node: GLOO_SOCKET_IFNAME / slurm.network_interface
     python: str  # the project's interpreter, reachable from every node (the nodes share this filesystem)
     bringup_seconds: float
+    log_dir: Path  # slurmctld.log, slurmd-<node>.log, munged.log, jobcomp.log (every finished job, its state)
 
     def run(self, *args: str, timeout: float = 30) -> str:
         out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ)
@@ -132,6 +133,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 node_interface="sgtb0",
                 python=sys.executable,
                 bringup_seconds=bringup,
+                log_dir=Path(conf.group(1)).parents[1] / "log",
             )
         finally:
             # Also after a failed test or Ctrl-C: no daemon, namespace or bridge outlives the session.
