@@ -164,7 +164,7 @@ def export_hf(
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, out_dir / name)
     fields = hf_config(config, eos_id)
-    fields["dtype"] = str(target).removeprefix("torch.")
+    fields["dtype"] = fields["torch_dtype"] = str(target).removeprefix("torch.")  # 5.x reads dtype, 4.x torch_dtype
     tmp = out_dir / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(fields, indent=2) + "\n")
     tmp.replace(out_dir / CONFIG_FILE)  # written last: its presence marks a complete export
