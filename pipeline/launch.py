@@ -31,7 +31,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 # Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): above the well-known
 # and Slurm's own ports (6817/6818), below Linux's ephemeral range (32768+), so a derived port
@@ -81,6 +84,11 @@ class DistEnv:
             dist = cls(**{**asdict(dist), "network_interface": network_interface})
         _check(dist)
         return dist
+
+    @classmethod
+    def from_config(cls, cfg: Config, environ: Mapping[str, str] | None = None) -> DistEnv:
+        """`from_environ` with the interface of ``slurm.network_interface`` (None: gloo/NCCL choose)."""
+        return cls.from_environ(environ, network_interface=cfg.slurm.network_interface)
 
     def apply_to_environ(self, environ: dict[str, str] | None = None) -> None:
         """Set the variables torch.distributed and DeepSpeed read (``env://``), and the socket interface."""

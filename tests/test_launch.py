@@ -215,6 +215,19 @@ def test_apply_to_environ_sets_what_torch_and_deepspeed_read() -> None:
     assert DistEnv.from_environ(environ).rank == 3
 
 
+def test_network_interface_comes_from_the_config() -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["slurm.network_interface=lo"])
+    environ: dict[str, str] = {}
+    DistEnv.from_config(cfg, {}).apply_to_environ(environ)
+    assert (environ["GLOO_SOCKET_IFNAME"], environ["NCCL_SOCKET_IFNAME"]) == ("lo", "lo")
+    # Not configured: the variables are left alone, for the user's own environment to decide.
+    environ = {}
+    DistEnv.from_config(load_config(None), {}).apply_to_environ(environ)
+    assert "GLOO_SOCKET_IFNAME" not in environ
+
+
 def test_unknown_network_interface_is_named() -> None:
     dist = DistEnv.from_environ({}, network_interface="ib7")
     with pytest.raises(LaunchError, match=r"network interface ib7 \(slurm.network_interface.*it has: .*lo"):

@@ -198,7 +198,8 @@ check_subnet_free() {
 hint_firewall() {
     # With br_netfilter loaded, bridged traffic between the nodes passes the host's iptables FORWARD chain
     # (Docker hosts set it to DROP), and node -> controller traffic passes INPUT.
-    if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ]; then
+    if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ] &&
+        iptables -S 2>/dev/null | grep -qE -- '^-P (FORWARD|INPUT) DROP|^-A (FORWARD|INPUT)'; then
         log "hint: net.bridge.bridge-nf-call-iptables=1 here: make sure the firewall accepts traffic on $BRIDGE"
     fi
 }
