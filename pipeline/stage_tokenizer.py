@@ -1,7 +1,7 @@
 """`scratchgpt tokenizer`: train the byte-level BPE on the clean documents of the prep stage.
 
 Documents are cut into pieces at line ends; a `tokenizer.heldout_fraction` of the
-pieces (chosen by a hash, so the same on every run) is held back from training
+pieces (chosen by a hash of their text, so the same on every run) is held back from training
 and measures bytes per token. `tokenizer.sample_bytes` trains on a uniform
 sample of about that many bytes instead of everything.
 """
@@ -64,10 +64,12 @@ class TrainingSample:
     def __iter__(self) -> Iterator[str]:
         from dataprep.tokenizer import split_pieces, unit_hash
 
-        for doc_id, text in clean_texts(self.folder):
+        for _, text in clean_texts(self.folder):
             used = False
-            for k, piece in enumerate(split_pieces(text)):
-                key = f"{doc_id}#{k}"
+            for piece in split_pieces(text):
+                # By content, not position: a piece repeated across documents (boilerplate,
+                # syndicated copies) is held back everywhere or nowhere.
+                key = piece
                 if unit_hash("heldout:" + key) < self.heldout_fraction:
                     if self.heldout_chars < HELDOUT_MAX_CHARS:
                         self.heldout.append(piece)

@@ -17,6 +17,13 @@ from pipeline.cli import main
 from training.data import PackedLoader
 
 
+@pytest.fixture(autouse=True)
+def own_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own store: mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which would
+    otherwise carry one test's store into the next (the stages honour the variable)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def write_config(workdir: Path, extra: str = "") -> Path:
     path = workdir / "cfg.yaml"
     path.write_text(f"workdir: {workdir}\ndata:\n  inputs: []\n{extra}"
