@@ -136,7 +136,10 @@ class TokenizerConfig(Section):
     sample_bytes: int | None = Field(
         None, description="Train on at most this many bytes of clean text (None: all of it)."
     )
-    heldout_fraction: float = Field(0.02, ge=0, lt=1, description="Documents held back to measure bytes/token.")
+    heldout_fraction: float = Field(
+        0.02, ge=0, lt=1, description="Share of the text (~4 KB pieces, chosen by content hash) held back "
+        "from training to measure bytes/token."
+    )
     eot_token: str = "<|endoftext|>"
 
 
