@@ -70,14 +70,11 @@ def load_for_generation(path: Path, tokenizer_dir: Path | None) -> tuple[Any, Pa
         return model.eval(), tokenizer_dir or folder
     # A checkpoint: join its ZeRO partitions in this process (the trainer's reader), then build the model.
     from training.checkpoint import full_state_dict
-    from training.export import from_hf_state_dict, to_hf_state_dict
-    from training.model import GPT, GPTConfig
+    from training.export import gpt_from_state_dict
+    from training.model import GPTConfig
 
     state, meta = full_state_dict(folder)
-    config = GPTConfig.from_dict(meta["model_config"])
-    model = GPT(config)
-    # The export's renaming doubles as the check that the weights fit the config, with the same message.
-    model.load_state_dict(from_hf_state_dict(to_hf_state_dict(state, config)), strict=False)
+    model = gpt_from_state_dict(state, GPTConfig.from_dict(meta["model_config"]), where=f"checkpoint {folder}")
     return model.eval(), tokenizer_dir or folder.parent.parent / "tokenizer"
 
 
@@ -94,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer_file = tokenizer_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: pass --tokenizer DIR holding tokenizer.json")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: the trainer's CheckpointError
         print(f"scratchgpt generate: {exc}", file=sys.stderr)
         return 2
     from tokenizers import Tokenizer

@@ -188,3 +188,21 @@ def test_load_gpt_refuses_a_gpt2_variant_it_does_not_build(tmp_path):
     (out / "config.json").write_text(json.dumps(fields))
     with pytest.raises(ValueError, match="activation_function='relu'"):
         load_gpt(out)
+
+
+def test_weights_of_another_shape_are_refused_naming_the_tensor(tmp_path):
+    from training.export import gpt_from_state_dict
+
+    model = random_model("learned")
+    out = export_hf(model.state_dict(), model.config, None, tmp_path / "export")
+    fields = json.loads((out / "config.json").read_text())
+    fields["scratchgpt"]["n_embd"] = 32  # the config now disagrees with the weights
+    (out / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"safetensors does not fit the model config: .*c_attn.bias \(192,\) \(config"):
+        load_gpt(out)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    rebuilt = gpt_from_state_dict(state, model.config, where="checkpoint X")
+    torch.testing.assert_close(rebuilt.wte.weight, model.wte.weight)
+    del state["module.ln_f.bias"]
+    with pytest.raises(ValueError, match=r"checkpoint X does not fit the model config: missing \['ln_f.bias'\]"):
+        gpt_from_state_dict(state, model.config, where="checkpoint X")

@@ -95,7 +95,7 @@ def tokenizer_eos_id(tokenizer_dir: Path) -> int | None:
 
 
 def hf_config(config: GPTConfig, eos_id: int | None) -> dict[str, Any]:
-    """GPT2Config fields describing exactly our model; dropouts come from our config (0 for parity)."""
+    """GPT2Config fields describing exactly our model."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -107,9 +107,10 @@ def hf_config(config: GPTConfig, eos_id: int | None) -> dict[str, Any]:
         "n_head": config.n_head,
         "n_inner": None,  # 4 * n_embd
         "activation_function": "gelu_new",  # GELU, tanh approximation
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
+        # No dropout, so the folder computes exactly what our model does; our own dropout stays in SCRATCHGPT_KEY.
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
@@ -200,11 +201,34 @@ def _config_from_hf(fields: dict[str, Any], path: Path) -> GPTConfig:
         raise ValueError(f"{path} lacks the GPT-2 field {exc}") from None
 
 
+def gpt_from_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig, where: str = "state dict") -> GPT:
+    """A fp32 GPT holding these weights (our names; engine prefixes and the tied head are fine).
+
+    Refuses, naming `where`, weights that do not fit the config: missing or extra names, or other shapes.
+    """
+    from training.model import GPT
+
+    ours = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    ours.pop("lm_head.weight", None)  # tied: loading wte sets it
+    model = GPT(config)
+    expected = set(model.state_dict()) - {"lm_head.weight"}
+    if config.position == "sinusoidal":
+        expected.discard("wpe.weight")  # a fixed table the model rebuilds; taken from the weights when there
+    missing, unexpected = sorted(expected - set(ours)), sorted(set(ours) - expected - {"wpe.weight"})
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit the model config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(shapes[k].shape)})" for k, v in ours.items()
+             if k in shapes and v.shape != shapes[k].shape]
+    if wrong:
+        raise ValueError(f"{where} does not fit the model config: {', '.join(wrong[:4])}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ours.items()}, strict=False)
+    return model
+
+
 def load_gpt(folder: str | Path) -> tuple[GPT, GPTConfig]:
     """Our model from an export folder (or any GPT-2 folder of the same architecture); safetensors only."""
     from safetensors.torch import load_file
-
-    from training.model import GPT
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -224,14 +248,4 @@ def load_gpt(folder: str | Path) -> tuple[GPT, GPTConfig]:
         hf = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         raise ValueError(f"{folder / WEIGHTS_FILE} could not be read as safetensors: {exc}") from None
-    ours = from_hf_state_dict(hf)
-    model = GPT(config)
-    expected = set(model.state_dict()) - {"lm_head.weight"}
-    missing, unexpected = sorted(expected - set(ours)), sorted(set(ours) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder / WEIGHTS_FILE} does not fit {folder / CONFIG_FILE}: "
-            f"missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
-    return model, config
+    return gpt_from_state_dict(from_hf_state_dict(hf), config, where=str(folder / WEIGHTS_FILE)), config
