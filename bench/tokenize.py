@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -156,7 +157,7 @@ def main() -> None:
     docs = corpus(args.repeat)
     texts = [d["text"] for d in docs]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 2**20
-    emit(figure="corpus", docs=len(docs), mb=round(mb, 2))
+    emit(figure="corpus", docs=len(docs), mb=round(mb, 2), cpus=os.cpu_count(), load_avg_1m=os.getloadavg()[0])
 
     started = time.perf_counter()
     tok = train_tokenizer(texts, args.vocab)
@@ -201,7 +202,8 @@ def main() -> None:
         consumed, shape = pretrain_tokens_per_sec(tok.get_vocab_size(), args.pretrain_steps)
         source = {"source": "measured: torch forward+backward, default ModelConfig", **shape}
     emit(figure="pretrain_consumption", tokens_per_s=round(consumed), **source)
-    emit(figure="loader_vs_pretrain", ratio=round(loader_rate / consumed, 1), target=50)
+    emit(figure="loader_vs_pretrain", ratio=round(loader_rate / consumed, 1), target=50,
+         load_avg_1m=os.getloadavg()[0])
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
