@@ -6,6 +6,7 @@ Imports torch only when the command runs, so `scratchgpt --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        model, tokenizer_dir = load_for_generation(args.model, args.tokenizer)
+        # stdout carries only the text: libraries that log to stdout on import (DeepSpeed) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            model, tokenizer_dir = load_for_generation(args.model, args.tokenizer)
         tokenizer_file = tokenizer_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: pass --tokenizer DIR holding tokenizer.json")
