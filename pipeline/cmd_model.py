@@ -108,6 +108,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("scratchgpt generate: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
     model.to(device)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     generator = torch.Generator(device=device).manual_seed(seed)

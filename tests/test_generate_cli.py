@@ -134,3 +134,9 @@ def test_a_character_split_over_two_tokens_comes_out_whole(export_dir):
     eos = tok.token_to_id(EOT)
     cut = list(stream_text(ScriptedModel(space_a + [first, eos]), tok, "x", 10, eos_id=eos))
     assert "".join(cut) == " a\ufffd"  # a half character at the end still shows, as the replacement mark
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(capsys, export_dir):
+    code, _, err = run_generate(capsys, "--model", str(export_dir), "--prompt", "a", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err

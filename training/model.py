@@ -254,9 +254,10 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count. As nanoGPT, non_embedding leaves out the position table only: the token
         embedding is also the output projection, so its matmul is real compute."""
-        n = sum(p.numel() for p in self.parameters())
+        # ds_numel: under ZeRO-3 a partitioned parameter's own numel() is 0 on every rank.
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         if non_embedding and self.config.position == "learned":
-            n -= self.wpe.weight.numel()
+            n -= getattr(self.wpe.weight, "ds_numel", self.wpe.weight.numel())
         return n
 
     def flops_per_token(self) -> float:
