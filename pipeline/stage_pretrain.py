@@ -221,6 +221,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         "train_loss": result.train_loss,
         **{k: v for k, v in result.val.items()},
         "tokens_per_sec": result.tokens_per_sec,
+        "mfu": trainer.mfu(result.tokens_per_sec) or 0.0,
         "train_seconds": result.train_seconds,
         "tracking_fraction": overhead["tracking_fraction"],
         "params": n_params,

@@ -224,18 +224,25 @@ class Trainer:
 
     def _log_train(self, loss: float, lr: float, dt: float, tokens_per_step: int) -> None:
         tokens_per_sec = tokens_per_step / dt
+        mfu = self.mfu(tokens_per_sec)
         if self.progress:
             print(f"[pretrain] step {self.step}/{self.train_cfg.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                  f"{tokens_per_sec:,.0f} tok/s", flush=True)
+                  f"{tokens_per_sec:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
         if self.logger is None or not self.logger.enabled:
             return
         metrics = {"train_loss": loss, "lr": lr, "step_time": dt, "tokens_per_sec": tokens_per_sec}
         norm = self.eng.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
-        if self.peak_flops > 0 and self.flops_per_token > 0:
-            metrics["mfu"] = self.flops_per_token * tokens_per_sec / (self.peak_flops * self.eng.dist.world_size)
+        if mfu is not None:
+            metrics["mfu"] = mfu
         self.logger.log(metrics, self.step)
+
+    def mfu(self, tokens_per_sec: float) -> float | None:
+        """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices."""
+        if self.peak_flops <= 0 or self.flops_per_token <= 0:
+            return None
+        return self.flops_per_token * tokens_per_sec / (self.peak_flops * self.eng.dist.world_size)
 
     def _eval_and_sample(self) -> dict[str, float]:
         val = self.evaluate()
