@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def run_ours(files: list[str], root: Path) -> tuple[float, dict]:
     cfg_path.write_text(yaml.safe_dump({"workdir": str(root), "data": {"inputs": files},
                                         "prep": {"tasks": 1, "workers": 1}, "tracking": {"experiment": "bench"}}))
     cfg = load_config(cfg_path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by mlflow in the previous repeat: use this workdir's store
     started = time.perf_counter()
     run_prep(cfg)
     seconds = time.perf_counter() - started

@@ -48,6 +48,12 @@ def planted(tmp_path_factory) -> dict:
     return {"path": path, "pages": pages, "exact": exact, "near": near, "tmp": tmp}
 
 
+@pytest.fixture(autouse=True)
+def own_mlflow_store(monkeypatch) -> None:
+    """mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI; keep each run in its own workdir's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def run(planted: dict, name: str, dedup: dict) -> tuple[dict, Path]:
     workdir = planted["tmp"] / name
     cfg_path = planted["tmp"] / f"{name}.yaml"

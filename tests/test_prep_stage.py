@@ -56,12 +56,21 @@ def mixed_inputs(tmp_path_factory) -> list[str]:
             str(tmp / "five.parquet"), str(tmp / "note.txt"), str(tmp / "*.jsonl*")]
 
 
+@pytest.fixture(autouse=True)
+def own_mlflow_store(monkeypatch) -> None:
+    """mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI, which would send this test's runs to an
+    earlier test's store; each run here must use its own workdir's sqlite file."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, mixed_inputs) -> dict:
     tmp = tmp_path_factory.mktemp("run")
     workdir = tmp / "work"
     cfg_path = write_config(tmp, workdir, mixed_inputs)
-    assert main(["prep", str(cfg_path)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # see own_mlflow_store
+        assert main(["prep", str(cfg_path)]) == 0
     return {"cfg": cfg_path, "workdir": workdir, "prep": workdir / "prep",
             "stats": json.loads((workdir / "prep" / "stats.json").read_text())}
 
