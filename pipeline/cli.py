@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune"]
+COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune", "pipeline.cmd_runs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
