@@ -143,3 +143,22 @@ def test_pii_replaces_emails_and_public_ips_only_when_on() -> None:
     only_ips = pii_step(FiltersConfig(pii={"emails": False, "ip_addresses": True}).pii)
     (doc,) = run_step(only_ips, [Document(text=text, id="p")])
     assert "jane.doe@corp.com" in doc.text and "8.8.4.4" not in doc.text
+
+
+def test_html_extraction_turns_warc_pages_into_text_and_records_empty_pages(tmp_path: Path) -> None:
+    from dataprep.html import HtmlExtractor
+    from dataprep.readers import InputReader
+    from dataprep.removed import RemovedWriter
+
+    pages = list(InputReader([str(WEB / "warc" / "sample-0000.warc.gz")]).run(None, 0, 1))[:4]
+    empty = Document(id="empty", text="<html><body><div></div></body></html>", metadata={"html": True})
+    plain = Document(id="plain", text="already text, not HTML", metadata={})
+    step = HtmlExtractor(exclusion_writer=RemovedWriter(tmp_path, "html_extraction"))
+    out = run_step(step, [*pages, empty, plain])
+    ids = [d.id for d in out]
+    assert "plain" in ids and "empty" not in ids  # only documents marked as HTML are extracted
+    extracted = [d for d in out if d.id != "plain"]
+    assert extracted and all("<" not in d.text[:200] and "html" not in d.metadata for d in extracted)
+    records = removed_records(tmp_path / "html_extraction")
+    assert {r["id"] for r in records} | set(ids) == {d.id for d in pages} | {"empty", "plain"}
+    assert next(r for r in records if r["id"] == "empty")["metadata"]["reason"] == "no main text found in the HTML"
