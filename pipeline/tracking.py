@@ -15,13 +15,30 @@ from typing import Any
 
 from pipeline.config import Config
 
+# mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are
+# remembered, so that a second config in the same process (another workdir) is not sent to the first's store.
+_EXPORTED_BY_US: set[str] = set()
+
 
 def tracking_uri(cfg: Config) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI as the user set it, else the workdir's sqlite store."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _EXPORTED_BY_US:
+        return env
     return f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}"
+
+
+def use_tracking(cfg: Config) -> str:
+    """Point MLflow at the config's store; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if os.environ.get("MLFLOW_TRACKING_URI") != uri:
+        _EXPORTED_BY_US.add(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def git_commit() -> str:
@@ -50,8 +67,7 @@ def setup_experiment(cfg: Config) -> str:
     """Point MLflow at the configured store and return the experiment id."""
     import mlflow
 
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    uri = use_tracking(cfg)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:

@@ -77,3 +77,16 @@ def test_missing_finetune_file_is_named(tmp_path: Path) -> None:
     text = "finetune:\n  tasks:\n    - {name: t, train: /no/train.tsv, eval: /no/dev.tsv}\n"
     with pytest.raises(ConfigError, match=r"finetune\.tasks\.0\.train.*/no/train\.tsv"):
         load_config(write(tmp_path, text))
+
+
+def test_a_second_workdir_in_one_process_gets_its_own_store(tmp_path: Path, monkeypatch) -> None:
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; that must not send the next config's runs there."""
+    from pipeline.tracking import tracking_uri, use_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config(None, [f"workdir={tmp_path / 'a'}"])
+    second = load_config(None, [f"workdir={tmp_path / 'b'}"])
+    use_tracking(first)
+    assert tracking_uri(second) == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # set by the user: it wins
+    assert tracking_uri(second) == "http://127.0.0.1:5999"
