@@ -1,6 +1,6 @@
 """Forward+backward tokens/s of our GPT against transformers' GPT2LMHeadModel of the same shape, same batch.
 
-    .venv/bin/python bench/model_throughput.py [--steps 10] [--batch 16] [--device cpu|cuda]
+    .venv/bin/python bench/model_throughput.py [--steps 3] [--rounds 5] [--batch 16] [--device cpu|cuda]
 
 Prints one JSON line per figure. The reference runs in the same process on the same inputs, so the ratio
 holds even when the machine is shared. On CUDA both run under bf16 autocast.
@@ -8,19 +8,23 @@ holds even when the machine is shared. On CUDA both run under bf16 autocast.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-
+# Run as a script, this folder comes first on sys.path, where bench/tokenize.py would shadow the standard
+# library's tokenize (used by traceback and linecache); import from the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from training.config import ModelConfig  # noqa: E402
 from training.export import export_hf  # noqa: E402
@@ -87,7 +91,8 @@ def main() -> None:
         {"ours": ours_step, "theirs": theirs_step}, args.batch * config.block_size, args.steps, args.rounds
     )
     ref, ours_tps = tps["theirs"], tps["ours"]
-    common = {"device": args.device, "threads": threads, "batch": args.batch, "config": config.to_dict()}
+    common = {"device": args.device, "threads": threads, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+              "batch": args.batch, "config": config.to_dict()}
     print(json.dumps({"figure": "fwd_bwd_tokens_per_sec_transformers_gpt2", "value": round(ref, 1), **common}))
     print(json.dumps({"figure": "fwd_bwd_tokens_per_sec_ours", "value": round(ours_tps, 1), **common}))
     print(json.dumps({"figure": "ours_vs_transformers_ratio", "value": round(ours_tps / ref, 3), **common}))
@@ -112,7 +117,8 @@ def main() -> None:
     cached = statistics.median(generate(True) for _ in range(3))
     plain = statistics.median(generate(False) for _ in range(3))
     same = all(torch.equal(results[0], r) for r in results)
-    common = {"device": args.device, "threads": threads, "new_tokens": new, "same_tokens": same}
+    common = {"device": args.device, "threads": threads, "load_avg_1m": os.getloadavg()[0], "new_tokens": new,
+              "same_tokens": same}
     print(json.dumps({"figure": "generate_tokens_per_sec_kv_cache", "value": round(cached, 1), **common}))
     print(json.dumps({"figure": "generate_tokens_per_sec_no_cache", "value": round(plain, 1), **common}))
     print(json.dumps({"figure": "kv_cache_speedup", "value": round(cached / plain, 2), **common}))
