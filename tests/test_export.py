@@ -18,22 +18,10 @@ TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a
 
 
 def build_tiny_tokenizer(out: Path, texts: list[str] | None = None, vocab_size: int = 300) -> Path:
-    """A tiny GPT-2 style byte-level BPE, saved the way the tokenizer stage saves one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A tiny byte-level BPE trained and saved by the tokenizer stage's own functions (files as in a real run)."""
+    from dataprep.tokenizer import save_tokenizer, train_tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts or [TEXT] * 20, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", **special}))
-    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    save_tokenizer(train_tokenizer(texts or [TEXT] * 20, vocab_size=vocab_size), out)
     return out
 
 
@@ -86,7 +74,8 @@ def test_tokenizer_files_travel_and_load_offline(tmp_path, tokenizer_dir):
 
     model = random_model("learned")
     out = export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "export")
-    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    copied = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"}
+    assert copied <= {p.name for p in out.iterdir()}
     hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     ours = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     assert hf_tok("the cat met a dog").input_ids == ours.encode("the cat met a dog").ids
