@@ -568,8 +568,13 @@ def _lineage_of_run(run: Any, store: Store) -> Lineage:
         return lin
     if stage == "pretrain":
         export = workdir / "pretrain" / "export" if workdir else None
+        # The stage also logs the export as the run's `export` artifacts: that copy stays with the run.
         lin.model = {"kind": "pretrain", "path": str(export) if export else None,
-                     "pretrain_run": _run_summary(run)}
+                     "artifacts": f"{run.info.artifact_uri}/export", "pretrain_run": _run_summary(run)}
+        id_file = workdir / "pretrain" / "mlflow_run_id" if workdir else None
+        if id_file is not None and id_file.is_file() and id_file.read_text().strip() != run.info.run_id:
+            lin.warnings.append(f"{export} now holds the model of run {id_file.read_text().strip()[:SHORT_ID]}, not "
+                                f"this run's: its own export is in the run's artifacts ({lin.model['artifacts']})")
         _fill_upstream(lin, workdir, run, store, ALL_UPSTREAM)
         return lin
     if stage in UPSTREAM:
@@ -840,6 +845,10 @@ def format_lineage(lin: Lineage) -> str:
     if lin.model:
         model = lin.model
         head("model", f"{model.get('kind')}: {model.get('path') or '-'}")
+        if model.get("artifacts"):
+            more(f"artifacts {model['artifacts']}")
+        if model.get("tokenizer_sha256"):
+            more(f"its tokenizer.json: sha256 {model['tokenizer_sha256']}")
         if model.get("step") is not None:
             more(f"step {model['step']}, checkpoint {model.get('checkpoint', model.get('path'))}")
         if model.get("finetuned_from"):

@@ -397,3 +397,70 @@ def test_clear_errors(store: Built, capsys, tmp_path: Path) -> None:
     assert rc == 2 and "MLflow could not search runs" in err
     rc, _, err = scratchgpt(capsys, "--lineage", str(tmp_path))
     assert rc == 2 and "not an export folder" in err
+
+
+@pytest.mark.slow
+def test_runs_and_lineage_of_the_real_stages(tmp_path: Path, capsys) -> None:
+    """prep, tokenizer, shard and two pretraining runs through the stage code itself (~40 s): the tags,
+    params and files `runs` relies on are the ones the stages really write."""
+    import matplotlib.image
+    from train_helpers import SHAKESPEARE, TINY
+
+    from dataprep.shards import manifest_sha256
+    from dataprep.tokenizer import tokenizer_sha256
+    from pipeline.cli import run_stage
+
+    lines = SHAKESPEARE.read_text(encoding="utf-8")[:100_000].splitlines(keepends=True)
+    docs = ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"id": f"s/{i}", "text": t}) + "\n" for i, t in enumerate(docs + docs[:3])))
+    config = tmp_path / "real.yaml"
+    config.write_text(f"workdir: {tmp_path / 'work'}\ndata:\n  inputs: [{raw}]\ntracking:\n  experiment: real\n")
+    settings = ["prep.tasks=1", "prep.workers=1", "prep.filters.language=false", "prep.dedup.minhash=false",
+                "tokenizer.vocab_size=300", "shards.val_fraction=0.15", "shards.tasks=1", "shards.workers=1", *TINY,
+                "train.max_steps=4", "train.eval_every=2", "train.sample_tokens=0"]
+    cfg = load_config(config, settings)
+    for stage in ("prep", "tokenizer", "shard", "pretrain"):
+        run_stage(cfg, stage)
+    first = (tmp_path / "work" / "pretrain" / "mlflow_run_id").read_text().strip()
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "pretrain")  # a second run of the sweep, from scratch
+    run_stage(load_config(config, [*settings, "train.lr=0.01"]), "pretrain")
+    second = (tmp_path / "work" / "pretrain" / "mlflow_run_id").read_text().strip()
+
+    rc, out, _ = scratchgpt(capsys, str(config))
+    assert rc == 0, out
+    tables = parse_tables(out)
+    assert set(tables) == {"prep", "tokenizer", "shard", "pretrain"}
+    work = tmp_path / "work"
+    manifest = manifest_sha256(work / "shards")
+    assert {r["manifest"] for r in tables["pretrain"]} == {manifest[:8]}
+    assert {r["run"] for r in tables["pretrain"]} == {first[:8], second[:8]}
+    assert all(r["val_bpb"] not in ("", "-") and r["world"] == "1" for r in tables["pretrain"])
+
+    png = tmp_path / "real.png"
+    rc, out, _ = scratchgpt(capsys, str(config), "--compare", first, second, "--out", str(png))
+    assert rc == 0, out
+    differ = out.split("Params that differ")[1].split("\n\n")[0]
+    assert "train.lr" in {line.split()[0] for line in differ.splitlines()[3:]}
+    assert "x axis is the optimizer step" not in out  # tokens per step derived from the params pretrain logs
+    assert matplotlib.image.imread(png).shape == (500, 1200, 4)
+
+    rc, out, _ = scratchgpt(capsys, "--lineage", str(work / "pretrain" / "export"), "--json")
+    lin = json.loads(out)
+    stats = json.loads((work / "prep" / "stats.json").read_text())
+    assert lin["model"]["pretrain_run"]["run_id"] == second
+    assert lin["tokenizer"]["sha256"] == lin["tokenizer"]["recorded_sha256"] == tokenizer_sha256(work / "tokenizer")
+    assert lin["shards"]["sha256"] == lin["shards"]["recorded_sha256"] == manifest
+    assert lin["shards"]["run"]["stage"] == "shard" and lin["tokenizer"]["run"]["stage"] == "tokenizer"
+    assert lin["prep"]["run"]["run_id"] == stats["mlflow_run_id"]
+    assert lin["prep"]["docs_in"] == stats["docs_in"] == len(docs) + 3
+    assert lin["prep"]["dropped"]["exact_dedup"] == 3
+    assert lin["inputs"]["files"][0]["path"] == str(raw)
+    assert list(lin["markers"]) == ["prep", "tokenizer", "shard", "pretrain"] and lin["warnings"] == []
+
+    rc, out, _ = scratchgpt(capsys, str(config), "--lineage", first, "--json")
+    lin = json.loads(out)
+    assert lin["shards"]["sha256"] == lin["shards"]["recorded_sha256"] == manifest
+    assert any("now holds the model of run" in w for w in lin["warnings"])
