@@ -56,6 +56,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.executor == "slurm":  # the same chain, as Slurm jobs (scratchgpt submit)
+        from pipeline.slurm_submit import submit
+
+        submit(cfg)
+        return 0
     for name in STAGES:
         run_stage(cfg, name, force=args.force)
     print(f"\nAll stages complete under {Path(cfg.workdir).resolve()}")
@@ -64,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune", "pipeline.cmd_runs"]
+COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune",
+                              "pipeline.cmd_slurm", "pipeline.cmd_runs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
