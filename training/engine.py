@@ -303,8 +303,12 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 _measured_peak: dict[str, float] = {}
 
 
-def peak_flops(device: str, precision: str) -> float:
-    """FLOP/s one device can reach, for MFU: the data-sheet figure on known GPUs, else a measured matmul rate."""
+def peak_flops(device: str, precision: str, refresh: bool = False) -> float:
+    """FLOP/s one device can reach, for MFU: the data-sheet figure on known GPUs, else a measured matmul rate.
+
+    A CPU has no data-sheet figure torch can read, so its peak is the best large-matmul rate seen in this
+    process. On a shared machine one measurement can be low; `refresh` measures again and keeps the best.
+    """
     import torch
 
     if device.startswith("cuda"):
@@ -313,8 +317,9 @@ def peak_flops(device: str, precision: str) -> float:
             if key in name:
                 return value if precision in ("bf16", "fp16") else value / 2
     key = f"{device}:{precision}"
-    if key not in _measured_peak:
-        _measured_peak[key] = _matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if key not in _measured_peak or refresh:
+        rate = _matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        _measured_peak[key] = max(rate, _measured_peak.get(key, 0.0))
     return _measured_peak[key]
 
 

@@ -216,6 +216,9 @@ class Trainer:
                 if stop:
                     result.reason = "signal" if stop_request.signal is not None else "max_minutes"
                     break
+        if steps_timed == 0:  # resumed at max_steps already: report the state as it is
+            result.val = self._eval_and_sample()
+            last_saved = checkpoint.latest_tag(self.ckpt_dir)
         result.step = self.step
         result.checkpoint = last_saved
         result.train_seconds = train_time
@@ -245,6 +248,10 @@ class Trainer:
         return self.flops_per_token * tokens_per_sec / (self.peak_flops * self.eng.dist.world_size)
 
     def _eval_and_sample(self) -> dict[str, float]:
+        if self.peak_flops > 0 and not self.eng.dist.device.startswith("cuda"):
+            from training.engine import peak_flops
+
+            self.peak_flops = peak_flops(self.eng.dist.device, self.eng.precision, refresh=True)
         val = self.evaluate()
         if self.logger is not None:
             self.logger.log(val, self.step)
