@@ -66,6 +66,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         sys.stdout.write(runs.runs_csv(found, store.experiment_names))
     else:
         print(runs.format_runs(found, more, args.limit))
+        if not found and args.stage:
+            print(f"(stages with runs here: {', '.join(runs.stages_in(store)) or 'none'})")
     return 0
 
 

@@ -99,6 +99,23 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a server that does not answer: MLflow's client retries for minutes before it gives up."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (a proxy without /health, an auth wall): let MLflow's own request say more
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RunsError(f"cannot reach the MLflow server at {uri}: {reason} "
+                        "(is `mlflow server` running there?)") from None
+
+
 def open_store(uri: str, experiment: str | None) -> Store:
     """A client on `uri` and the experiments to search: the named one, or every active one."""
     import mlflow
@@ -108,6 +125,7 @@ def open_store(uri: str, experiment: str | None) -> Store:
         # Opening a missing sqlite file would create an empty store and report "no runs".
         raise RunsError(f"no MLflow store at {db} (tracking URI {uri}): run a stage with this config first, "
                         "or pass --tracking-uri")
+    check_reachable(uri)
     client = mlflow.MlflowClient(uri)
     try:
         experiments = client.search_experiments()
@@ -169,6 +187,12 @@ def search(store: Store, stage: str | None = None, filter_string: str = "", sort
         runs = [r for r in runs if r.data.tags.get(STAGE_TAG, "") in (stage,) or
                 r.data.tags.get(STAGE_TAG, "").startswith(f"{stage}/")]
     return list(runs[:limit]), len(runs) > limit
+
+
+def stages_in(store: Store, sample: int = 500) -> list[str]:
+    """The stage tags of the newest runs, for a hint when `--stage` matched nothing."""
+    runs = store.client.search_runs(store.experiment_ids, max_results=sample)
+    return sorted({stage_group(r.data.tags.get(STAGE_TAG, "")).rstrip("/") for r in runs} - {""})
 
 
 def _first_line(exc: BaseException) -> str:

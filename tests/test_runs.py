@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,14 @@ def test_clear_errors(store: Built, capsys, tmp_path: Path) -> None:
     assert rc == 2 and "MLflow could not search runs" in err
     rc, _, err = scratchgpt(capsys, "--lineage", str(tmp_path))
     assert rc == 2 and "not an export folder" in err
+    rc, out, _ = scratchgpt(capsys, str(store.config), "--stage", "pretrian")
+    assert rc == 0 and "no runs match" in out and "finetune, prep, pretrain, shard, tokenizer" in out
+    with socket.socket() as sock:  # a port nothing listens on: refused at once, not after MLflow's retries
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    rc, _, err = scratchgpt(capsys, "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert rc == 2 and "cannot reach the MLflow server" in err and time.monotonic() - started < 30
 
 
 @pytest.mark.slow
