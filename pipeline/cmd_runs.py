@@ -30,8 +30,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="MLflow search filter, e.g. \"metrics.val_bpb < 2 and params.model.n_layer = '4'\"")
     p.add_argument("--sort", action="append", default=[], metavar="KEY",
                    help="metrics.val_bpb (ascending), =-metrics.val_bpb (descending: write --sort=-KEY so the minus "
-                   "is not read as an option), a bare metric name, or MLflow's 'metrics.val_bpb DESC'; repeat for "
-                   "ties (default: newest first)")
+                   "is not read as an option), a bare metric name, a config key such as train.lr (a param, "
+                   "compared as text), or MLflow's 'metrics.val_bpb DESC'; repeat for ties (default: newest first)")
     p.add_argument("--limit", type=int, default=100, help="at most this many runs (default 100)")
     p.add_argument("--csv", action="store_true", help="CSV on stdout: every param and final metric, full hashes")
     p.add_argument("--compare", nargs="+", metavar="RUN", default=None,

@@ -145,6 +145,10 @@ def open_store(uri: str, experiment: str | None) -> Store:
 # ------------------------------------------------------------------ querying
 
 
+ORDER_BY_PREFIXES = {"metrics", "metric", "params", "param", "parameter", "parameters", "tags", "tag", "attributes",
+                     "attribute", "attr", "run", "dataset", "datasets"}
+
+
 def order_by(sort: Iterable[str]) -> list[str]:
     """`metrics.val_bpb`, `-metrics.val_bpb`, `val_bpb` (a metric) or MLflow's `metrics.val_bpb DESC`."""
     from mlflow.entities import RunInfo
@@ -159,8 +163,11 @@ def order_by(sort: Iterable[str]) -> list[str]:
         parts = key.rsplit(" ", 1)
         if len(parts) == 2 and parts[1].upper() in ("ASC", "DESC"):
             key, direction = parts[0].strip(), parts[1].upper()
+        prefix = key.split(".", 1)[0]
         if "." not in key and not key.startswith("`"):
             key = f"attributes.{key}" if key in attributes else f"metrics.{key}"
+        elif prefix not in ORDER_BY_PREFIXES:  # a config key such as train.lr: a param (compared as text)
+            key = f"params.`{key}`"
         out.append(f"{key} {direction}")
     return out
 
@@ -176,6 +183,7 @@ def search(store: Store, stage: str | None = None, filter_string: str = "", sort
     clauses = [filter_string.strip()] if filter_string and filter_string.strip() else []
     if stage:
         # `finetune` also takes its per-task children (stage `finetune/<task>`); MLflow has no OR.
+        stage = stage.replace("'", "")
         clauses.append(f"tags.{STAGE_TAG} LIKE '{stage}%'")
     try:
         runs = store.client.search_runs(store.experiment_ids, filter_string=" and ".join(clauses),
@@ -184,8 +192,7 @@ def search(store: Store, stage: str | None = None, filter_string: str = "", sort
         raise RunsError(f"MLflow could not search runs (filter {' and '.join(clauses)!r}, sort {list(sort)}): "
                         f"{_first_line(exc)}") from None
     if stage:
-        runs = [r for r in runs if r.data.tags.get(STAGE_TAG, "") in (stage,) or
-                r.data.tags.get(STAGE_TAG, "").startswith(f"{stage}/")]
+        runs = [r for r in runs if stage_group(r.data.tags.get(STAGE_TAG, "")).rstrip("/") == stage]
     return list(runs[:limit]), len(runs) > limit
 
 

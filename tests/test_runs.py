@@ -247,6 +247,9 @@ def test_stage_sort_and_limit(store: Built, capsys) -> None:
     for spelling in ("--sort=-metrics.val_bpb", "--sort=-val_bpb", "--sort=metrics.val_bpb DESC"):
         rc, out, _ = scratchgpt(capsys, str(store.config), "--stage", "pretrain", spelling)
         assert [r["run"] for r in parse_tables(out)["pretrain"]][:3] == by_bpb[::-1], spelling
+    rc, out, _ = scratchgpt(capsys, str(store.config), "--stage", "pretrain", "--sort", "train.lr", "--sort", "val_bpb")
+    assert [r["run"] for r in parse_tables(out)["pretrain"]] == [  # a config key sorts as a param; ties by val_bpb
+        store.pretrain[0][:8], store.pretrain[2][:8], store.pretrain[1][:8], store.failed[:8]]
     rc, out, _ = scratchgpt(capsys, str(store.config), "--stage", "pretrain", "--sort", "val_bpb", "--limit", "1")
     assert [r["run"] for r in parse_tables(out)["pretrain"]] == by_bpb[:1]
     assert "more runs match" in out
