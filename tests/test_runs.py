@@ -41,6 +41,7 @@ class Built:
     shard: str = ""
     finetune: str = ""
     finetune_task: str = ""
+    transfer_task: str = ""  # a fine-tuning run in another workdir, from this workdir's export (finetune.init_from)
     tokenizer_sha256: str = ""
     manifest_sha256: str = ""
     raw_input: Path = Path()
@@ -168,6 +169,11 @@ def build_store(root: Path, uri: str) -> Built:
                 mlflow.log_metrics({"eval_accuracy": acc, "eval_loss": 1.0 - acc}, step=step)
             built.finetune_task = child.info.run_id
         built.finetune = parent.info.run_id
+
+    transfer = _cfg(root / "transfer", uri, "transfer", f"finetune.init_from={export}")
+    with stage_run(transfer, "finetune", sections=("finetune",)) as parent:
+        with stage_run(transfer, "finetune/sst2", parent_run_id=parent.info.run_id, tags={"task": "sst2"}) as child:
+            built.transfer_task = child.info.run_id
 
     built.other_experiment = _pretrain_run(_cfg(root / "elsewhere", uri, "other"), "f" * 64, "e" * 64, 3.0)
     return built
@@ -373,6 +379,12 @@ def test_lineage_of_an_export_folder_and_a_finetune_run(store: Built, capsys) ->
     assert lin["model"]["kind"] == "finetune" and lin["model"]["task"] == "sst2"
     assert lin["model"]["pretrain_run"]["run_id"] == store.pretrain[-1]
     assert lin["shards"]["sha256"] == store.manifest_sha256
+    rc, out, _ = scratchgpt(capsys, "--tracking-uri", store.uri, "--lineage", store.transfer_task[:8], "--json")
+    lin = json.loads(out)  # fine-tuned from another workdir's export: that export's lineage
+    assert lin["origin"]["run_id"] == store.transfer_task
+    assert lin["model"]["finetuned_from"] == str(store.workdir / "pretrain" / "export")
+    assert lin["model"]["pretrain_run"]["run_id"] == store.pretrain[-1]
+    assert lin["tokenizer"]["sha256"] == store.tokenizer_sha256 and lin["prep"]["docs_in"] == 120
 
 
 def test_lineage_says_when_the_shards_were_rebuilt(store: Built, capsys) -> None:
