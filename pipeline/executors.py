@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 
 
 class SubStageLike(Protocol):
@@ -54,7 +54,9 @@ def run_slurm(cfg: Config, stages: list[SubStageLike], logs: Path, label: str = 
     from datatrove.executor import SlurmPipelineExecutor
 
     if shutil.which("sbatch") is None:
-        raise RuntimeError("executor: slurm, but `sbatch` is not on PATH")
+        raise ConfigError("`executor: slurm`, but `sbatch` is not on PATH")
+    if not cfg.slurm.partition:
+        raise ConfigError("`executor: slurm` needs `slurm.partition` (datatrove writes it into every job)")
     s = cfg.slurm
     sbatch_args: dict[str, Any] = {}
     if s.account:
@@ -65,7 +67,7 @@ def run_slurm(cfg: Config, stages: list[SubStageLike], logs: Path, label: str = 
     for stage in stages:
         previous = SlurmPipelineExecutor(
             pipeline=stage.pipeline, tasks=stage.tasks, workers=stage.workers, time=s.time,
-            partition=s.partition or "", cpus_per_task=s.cpus_per_task, job_name=f"{label}-{stage.name}",
+            partition=s.partition, cpus_per_task=s.cpus_per_task, job_name=f"{label}-{stage.name}",
             logging_dir=str(logs / stage.name), depends=previous, env_command=s.setup,
             sbatch_args=sbatch_args or None, mail_type="NONE",
         )
