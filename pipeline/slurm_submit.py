@@ -251,7 +251,10 @@ def queued_jobs(workdir: Path) -> dict[str, str]:
         return {}
     waiting = {}
     for stage, entry in record["stages"].items():
-        state = job_state(entry["job_id"])
+        try:
+            state = job_state(entry["job_id"])
+        except SlurmUnreachable:
+            continue  # sbatch will say what is wrong with Slurm
         if state and state.get("JobState") not in ENDED:
             waiting[stage] = f"{entry['job_id']} {state.get('JobState')}"
     return waiting
@@ -331,14 +334,24 @@ def read_record(workdir: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- status
 
 
+class SlurmUnreachable(RuntimeError):
+    """scontrol is missing or cannot reach the controller: a job's state is unknown, not forgotten."""
+
+
 def job_state(job_id: str) -> dict[str, str] | None:
-    """`scontrol show job` fields of a job; None when Slurm no longer knows it (or there is no scontrol)."""
+    """`scontrol show job` fields of a job; None when Slurm no longer knows it (finished longer ago than
+    MinJobAge). Raises SlurmUnreachable when Slurm cannot be asked."""
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        return None
-    out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+        raise SlurmUnreachable("scontrol is not on PATH")
+    try:
+        out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnreachable("scontrol did not answer in 30 s") from None
     if out.returncode:
-        return None
+        if "Invalid job id" in out.stderr:
+            return None
+        raise SlurmUnreachable(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
@@ -358,8 +371,8 @@ class StageStatus:
 def _describe(stage: str, entry: dict[str, str], state: dict[str, str] | None) -> StageStatus:
     job_id, log = entry["job_id"], entry.get("log")
     if state is None:
-        where = "scontrol not found" if shutil.which("scontrol") is None else "Slurm no longer knows the job"
-        return StageStatus(stage, "unknown", job_id, f"not complete, and {where}: see the log", log)
+        return StageStatus(stage, "unknown", job_id, "not complete, and Slurm no longer knows the job (it ended "
+                           "a while ago): see its log", log)
     job_state_ = state.get("JobState", "?")
     reason, exit_code = state.get("Reason", "None"), state.get("ExitCode", "")
     if job_state_ in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED"):
@@ -397,7 +410,11 @@ def status(workdir: Path) -> list[StageStatus]:
         elif entry is None:
             result.append(StageStatus(name, "not submitted", detail="incomplete: submit again"))
         else:
-            result.append(_describe(name, entry, job_state(entry["job_id"])))
+            try:
+                result.append(_describe(name, entry, job_state(entry["job_id"])))
+            except SlurmUnreachable as exc:
+                result.append(StageStatus(name, "unknown", entry["job_id"], f"not complete; cannot ask Slurm: {exc}",
+                                          entry.get("log")))
     return result
 
 

@@ -195,3 +195,42 @@ def test_help_stays_light() -> None:
             "print(sorted(m for m in ('torch', 'deepspeed', 'datatrove', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def fake_submission(inputs: Path) -> Path:
+    """A workdir as `scratchgpt submit` leaves it: the config snapshot and jobs.json, prep already complete."""
+    from pipeline.slurm_submit import prepare
+    from pipeline.stages import write_marker
+
+    c = cfg(inputs)
+    base = prepare(c)
+    write_marker(c, "prep", {}, 0.0)
+    stages = {s: {"job_id": str(10 + i), "script": str(base / f"{s}.sbatch"), "log": str(base / "logs" / f"{s}.out")}
+              for i, s in enumerate(["prep", "tokenizer", "shard", "pretrain"])}
+    (base / "jobs.json").write_text(json.dumps({"config": str(base / "config.yaml"), "stages": stages}))
+    return (inputs / "w").resolve()
+
+
+def test_status_reads_markers_and_says_when_slurm_cannot_be_asked(inputs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    workdir = fake_submission(inputs)
+    monkeypatch.setenv("PATH", str(inputs))  # no scontrol here
+    rows = {row.stage: row for row in status(workdir)}
+    assert (rows["prep"].state, rows["prep"].job_id) == ("complete", "10")
+    assert rows["tokenizer"].state == "unknown" and "scontrol is not on PATH" in rows["tokenizer"].detail
+    assert rows["tokenizer"].log == str(workdir / "slurm" / "logs" / "tokenizer.out")
+    assert rows["finetune"].state == "not submitted"
+    assert main(["status", str(workdir)]) == 0  # nothing known to have failed
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["prep", "complete", "job", "10"]
+    assert out[2].strip() == f"log: {workdir / 'slurm' / 'logs' / 'tokenizer.out'}"
+
+
+def test_run_with_the_slurm_executor_submits(inputs: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    config = inputs / "c.yaml"
+    config.write_text(f"workdir: {inputs / 'w'}\ndata: {{inputs: [in.jsonl]}}\nexecutor: slurm\n")
+    monkeypatch.setenv("PATH", str(inputs))  # no sbatch: `run` must go the submit way and say so, running nothing
+    assert main(["run", str(config)]) == 2
+    assert "`sbatch` is not on PATH" in capsys.readouterr().err
+    assert not (inputs / "w" / "prep").exists()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slurm
 VENV_BIN = Path(sys.executable).parent
 SST2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
 # Long enough that a USR1 sent after the first logged steps lands mid-run; short enough for CI.
-STEPS = 24
+STEPS = 16
 TRAIN = [*TINY, f"train.max_steps={STEPS}", "train.eval_every=1000", "train.checkpoint_every=1000",
          "train.sample_tokens=0", "tracking.experiment=t"]
 
@@ -212,7 +212,7 @@ def chain_config(cluster, tmp_path: Path, inputs: Path, *overrides: str) -> Path
         "prep.filters.fineweb_quality=false", "prep.filters.language=false", "prep.filters.gopher_repetition=false",
         "prep.dedup.minhash=false", "tokenizer.vocab_size=300", "shards.val_fraction=0.15", "shards.tasks=1",
         "shards.workers=1", *TRAIN, "train.max_steps=6", f"finetune.tasks=[{json.dumps(task)}]",
-        *slurm_keys(cluster, 2), *overrides])
+        *slurm_keys(cluster, 1), *overrides])  # one node: the 2-node case is the test above
 
 
 def submitted_jobs(out: str) -> dict[str, str]:
@@ -268,3 +268,16 @@ def test_a_failing_stage_cancels_its_dependents_and_status_names_it(slurm_cluste
     for stage in ("tokenizer", "shard", "pretrain", "finetune"):
         row = next(line for line in lines if line.startswith(stage))
         assert row.split()[1] == "cancelled" and "upstream stage failed" in row, status.stdout
+
+
+def test_status_says_when_slurm_has_forgotten_a_job(slurm_cluster, tmp_path: Path) -> None:
+    from pipeline.slurm_submit import prepare
+
+    config = write_yaml(tmp_path / "c.yaml", [f"workdir={tmp_path / 'w'}", f"data.inputs=[{tmp_path / 'c.yaml'}]"])
+    base = prepare(load_config(config))
+    # a job id this cluster never had: as after MinJobAge, when Slurm drops finished jobs
+    (base / "jobs.json").write_text(json.dumps({"config": str(base / "config.yaml"), "stages": {
+        "prep": {"job_id": "987654", "log": str(base / "logs" / "scratchgpt-prep-987654.out")}}}))
+    status = scratchgpt("status", str(tmp_path / "w"))
+    first = status.stdout.splitlines()[0]
+    assert first.split()[:4] == ["prep", "unknown", "job", "987654"] and "no longer knows" in first, status.stdout
