@@ -125,6 +125,7 @@ def two_nodes(slurm_cluster, base: Path, tmp_path_factory: pytest.TempPathFactor
     return workdir, job_id, text
 
 
+@pytest.mark.slow
 def test_two_node_zero3_pretraining_through_sbatch(slurm_cluster, two_nodes, one_process: Path) -> None:
     import torch
     from transformers import GPT2LMHeadModel
@@ -148,6 +149,7 @@ def test_two_node_zero3_pretraining_through_sbatch(slurm_cluster, two_nodes, one
     assert logits.shape == (1, 4, 300) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, two_nodes, base: Path,
                                                                 tmp_path: Path) -> None:
     workdir = tmp_path / "w"
@@ -219,6 +221,7 @@ def submitted_jobs(out: str) -> dict[str, str]:
     return dict(re.findall(r"^\[submit\] (\w+): job (\d+)", out, re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_whole_chain_through_submit(slurm_cluster, tmp_path: Path) -> None:
     config = chain_config(slurm_cluster, tmp_path, shakespeare_jsonl(tmp_path / "plays.jsonl"))
     dry = scratchgpt("submit", str(config), "--dry-run", cwd=tmp_path)
@@ -231,6 +234,9 @@ def test_whole_chain_through_submit(slurm_cluster, tmp_path: Path) -> None:
     assert list(jobs) == ["prep", "tokenizer", "shard", "pretrain", "finetune"], result.stdout
     record = json.loads((tmp_path / "w" / "slurm" / "jobs.json").read_text())
     assert {stage: entry["job_id"] for stage, entry in record["stages"].items()} == jobs
+    twice = scratchgpt("submit", str(config), cwd=tmp_path)  # the chain is still queued: no second copy of it
+    assert twice.returncode == 2 and "still queued" in twice.stderr and f"finetune (job {jobs['finetune']}" in \
+        twice.stderr, twice.stderr
     for stage, job_id in jobs.items():
         state = slurm_cluster.wait(job_id, timeout=240)
         log = job_log(tmp_path / "w", stage, job_id)
