@@ -116,3 +116,27 @@ def test_refused_resumes_fail_before_loading(base: Path, tmp_path: Path) -> None
 def test_no_shards_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no token shards .*run `scratchgpt shard` first"):
         build(tiny_config(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_other_zero_stages_train_and_export(base: Path, tmp_path: Path, stage: int) -> None:
+    from transformers import GPT2LMHeadModel
+
+    workdir = workdir_from(base, tmp_path, f"stage{stage}")
+    setup = build(tiny_config(workdir, "train.max_steps=2", f"train.zero_stage={stage}"))
+    assert setup.eng.ds_config["zero_optimization"]["stage"] == stage
+    result = setup.trainer.run()
+    assert result.step == 2 and result.losses[1] < result.losses[0] + 0.5
+    out = export_checkpoint(setup.paths["checkpoints"], tmp_path / "hf", workdir / "tokenizer")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    setup.eng.engine.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(out).eval()(ids).logits,
+                                   setup.eng.engine(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_losses(base: Path, tmp_path: Path) -> None:
+    plain = build(tiny_config(workdir_from(base, tmp_path, "plain"), "train.max_steps=3")).trainer.run()
+    recomputed = build(tiny_config(workdir_from(base, tmp_path, "ac"), "train.max_steps=3",
+                                   "train.activation_checkpointing=true")).trainer.run()
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
