@@ -43,6 +43,8 @@ class SlurmConfig(Section):
     extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH options, one per item.")
     setup: str | None = Field(None, description="Shell line run before each job step (module load, venv).")
     network_interface: str | None = Field(None, description="GLOO/NCCL_SOCKET_IFNAME for multi-node runs.")
+    data_arrays: bool = Field(False, description="scratchgpt submit: prep and shard run their datatrove steps as "
+                              "Slurm job arrays (false: inside the stage's own job, on its cpus_per_task CPUs).")
 
 
 class TrackingConfig(Section):

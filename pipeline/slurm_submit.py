@@ -42,6 +42,7 @@ JOBS_FILE = "jobs.json"
 SNAPSHOT = "config.yaml"
 JOB_PREFIX = "scratchgpt-"
 DATA_STAGES = ("prep", "tokenizer", "shard")
+ARRAY_STAGES = ("prep", "shard")  # the data stages built from datatrove steps (the tokenizer trains in-process)
 # Slurm job states after which a job runs no more (PENDING/RUNNING/REQUEUED/... are still on the way).
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "SPECIAL_EXIT"}
@@ -170,7 +171,9 @@ def sbatch_lines(cfg: Config, stage: str) -> list[str]:
         if s.gpus_per_node:
             lines.append(f"--gpus-per-node={s.gpus_per_node}")
     else:
-        lines += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={s.cpus_per_task}"]
+        # With datatrove arrays the stage's own job only submits them and waits: one CPU is enough.
+        cpus = 1 if s.data_arrays and stage in ARRAY_STAGES else s.cpus_per_task
+        lines += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={cpus}"]
         if stage == "finetune" and s.gpus_per_node:
             lines.append("--gpus-per-node=1")
     lines += [check_extra(i, option) for i, option in enumerate(s.extra_sbatch)]
@@ -183,6 +186,13 @@ def render(cfg: Config, stage: str) -> JobScript:
     if s.network_interface:
         check_value("network_interface", s.network_interface)
     config = slurm_dir(cfg) / SNAPSHOT
+    arrays = s.data_arrays and stage in ARRAY_STAGES
+    if arrays and not s.partition:
+        raise ConfigError("`slurm.data_arrays` needs `slurm.partition`: datatrove writes it into every array job "
+                          "(or set slurm.data_arrays: false)")
+    mode = ("Its datatrove steps run as Slurm job arrays (named <stage>-<step>, logs under <workdir>/<stage>/logs/"
+            "<step>/slurm_logs); this job submits them and waits." if arrays else
+            f"datatrove's local executor runs the stage's tasks inside this job, on {s.cpus_per_task} CPU(s).")
     setup = "# (no slurm.setup)"
     if s.setup:  # the user's own shell line, run as written, but as one quoted word: it ends on its own line
         setup = (f"eval {shlex.quote(check_setup(s.setup))} "
@@ -193,6 +203,9 @@ def render(cfg: Config, stage: str) -> JobScript:
         "sbatch": "\n".join(sbatch_lines(cfg, stage)),
         "setup": setup,
         "python": shlex.quote(sys.executable),
+        "bin_dir": shlex.quote(str(Path(sys.executable).parent)),
+        "mode": mode,
+        "stage_args": " executor=slurm" if arrays else "",
         "config": shlex.quote(str(config)),
         "nodes": str(s.nodes),
         "tasks_per_node": str(s.tasks_per_node),

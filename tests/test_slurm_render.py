@@ -59,15 +59,25 @@ def test_pretrain_script_carries_the_config(inputs: Path) -> None:
     assert 'scontrol requeue "${SLURM_JOB_ID}"' in script.text
 
 
-def test_data_and_finetune_scripts_are_one_task_on_one_node(inputs: Path) -> None:
-    c = cfg(inputs, "slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.cpus_per_task=16")
+@pytest.mark.parametrize("arrays", [True, False])
+def test_data_and_finetune_scripts_are_one_task_on_one_node(inputs: Path, arrays: bool) -> None:
+    c = cfg(inputs, "slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.cpus_per_task=16", f"slurm.data_arrays={arrays}")
     for stage in ("prep", "tokenizer", "shard", "finetune"):
         script = render(c, stage)
         opts = sbatch_options(script.text)
-        assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=16"} <= set(opts), (stage, opts)
+        # with datatrove arrays, prep and shard only submit the arrays and wait: one CPU
+        in_arrays = arrays and stage in ("prep", "shard")
+        assert {"--nodes=1", "--ntasks=1", f"--cpus-per-task={1 if in_arrays else 16}"} <= set(opts), (stage, opts)
         assert ("--gpus-per-node=1" in opts) == (stage == "finetune")
         assert not any(o.startswith(("--signal", "--requeue")) for o in opts)
-        assert script.text.rstrip().endswith(f"-m pipeline.cli {stage} {(inputs / 'w').resolve()}/slurm/config.yaml")
+        command = f"-m pipeline.cli {stage} {(inputs / 'w').resolve()}/slurm/config.yaml"
+        assert script.text.rstrip().endswith(command + (" executor=slurm" if in_arrays else "")), script.text
+
+
+def test_datatrove_arrays_need_a_partition(inputs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`slurm.data_arrays` needs `slurm.partition`"):
+        render(cfg(inputs, "slurm.partition=null", "slurm.data_arrays=true"), "prep")
+    assert "executor=slurm" not in render(cfg(inputs, "slurm.partition=null"), "prep").text
 
 
 def test_snapshot_is_the_config_with_the_local_executor(inputs: Path) -> None:
@@ -135,7 +145,7 @@ def test_the_setup_line_runs_as_written_and_stays_on_its_line(inputs: Path, setu
         (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\"\n")
         (bin_dir / tool).chmod(0o755)
     try:
-        script = render(cfg(inputs, f"slurm.setup={json.dumps(setup)}"), "prep")
+        script = render(cfg(inputs, f"slurm.setup={json.dumps(setup)}"), "tokenizer")
     except ConfigError as exc:  # refusing is also safe; these must render though
         pytest.fail(f"refused {setup!r}: {exc}")
     text = script.text.replace(sys.executable, "echo")  # the stage command: echoed, not run
@@ -146,7 +156,7 @@ def test_the_setup_line_runs_as_written_and_stays_on_its_line(inputs: Path, setu
         assert out.returncode == 0, out.stderr
         assert "it's yes" in out.stdout
     if out.returncode == 0:
-        assert out.stdout.rstrip().endswith(f"-m pipeline.cli prep {(inputs / 'w').resolve()}/slurm/config.yaml")
+        assert out.stdout.rstrip().endswith(f"-m pipeline.cli tokenizer {(inputs / 'w').resolve()}/slurm/config.yaml")
     else:  # a setup line that fails stops the job with a message, before the stage
         assert "slurm.setup failed" in out.stdout and "pipeline.cli" not in out.stdout
 
@@ -177,7 +187,7 @@ def test_dry_run_prints_every_script_and_writes_nothing(inputs: Path, capsys: py
 def test_bad_values_fail_before_anything_is_submitted(inputs: Path, capsys: pytest.CaptureFixture) -> None:
     config = inputs / "c.yaml"
     config.write_text(f"workdir: {inputs / 'w'}\ndata: {{inputs: [in.jsonl]}}\n")
-    assert main(["submit", str(config), "slurm.account=a;b"]) == 2
+    assert main(["submit", str(config), "slurm.partition=debug", "slurm.account=a;b"]) == 2
     assert "`slurm.account`" in capsys.readouterr().err
     assert not (inputs / "w").exists()
 

@@ -223,7 +223,9 @@ def submitted_jobs(out: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_whole_chain_through_submit(slurm_cluster, tmp_path: Path) -> None:
-    config = chain_config(slurm_cluster, tmp_path, shakespeare_jsonl(tmp_path / "plays.jsonl"))
+    # prep and shard as datatrove job arrays, submitted from their stage's job (slurm.data_arrays)
+    inputs = shakespeare_jsonl(tmp_path / "plays.jsonl")
+    config = chain_config(slurm_cluster, tmp_path, inputs, "slurm.data_arrays=true")
     dry = scratchgpt("submit", str(config), "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0 and dry.stdout.count("#!/bin/bash") == 5, dry.stderr
     assert not (tmp_path / "w" / "slurm").exists()  # a dry run writes and submits nothing
@@ -242,6 +244,9 @@ def test_whole_chain_through_submit(slurm_cluster, tmp_path: Path) -> None:
         log = job_log(tmp_path / "w", stage, job_id)
         assert state["JobState"] == "COMPLETED", f"{stage}: {state}\n{log.read_text()[-3000:] if log.exists() else ''}"
         assert log.is_file() and f"[slurm] {stage}" in log.read_text()
+    for stage, step in (("prep", "filter"), ("shard", "docs")):  # the arrays' own job logs
+        assert "submitted" in job_log(tmp_path / "w", stage, jobs[stage]).read_text()
+        assert list((tmp_path / "w" / stage / "logs" / step / "slurm_logs").glob("*.out")), (stage, step)
     status = scratchgpt("status", str(tmp_path / "w"))
     assert status.returncode == 0, status.stdout + status.stderr
     assert [line.split()[:2] for line in status.stdout.splitlines()] == [[s, "complete"] for s in jobs], status.stdout
