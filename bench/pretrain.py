@@ -144,9 +144,11 @@ def throughput(cfg: Any, steps: int, rounds: int) -> None:
     for _ in range(rounds):
         plain.append(reference(steps))
         zero3.append(ours(steps))
+    # the median of per-round ratios: each pair ran back to back, so a load change between rounds cancels out
     ratio = statistics.median(z / p for z, p in zip(zero3, plain, strict=True))
     emit("zero3_vs_plain_tokens_per_sec", zero3=round(statistics.median(zero3)), plain=round(statistics.median(plain)),
          ratio=round(ratio, 3), target=0.7, rounds=rounds, steps_per_round=steps, precision=setup.precision,
+         zero3_rounds=[round(z) for z in zero3], plain_rounds=[round(p) for p in plain],
          zero_stage=setup.eng.ds_config["zero_optimization"]["stage"], world_size=setup.eng.dist.world_size,
          params=setup.n_params)
 
