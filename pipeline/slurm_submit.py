@@ -397,8 +397,7 @@ def _describe(stage: str, entry: dict[str, str], state: dict[str, str] | None) -
         return StageStatus(stage, "running", job_id, f"on {state.get('NodeList', '?')}, {state.get('RunTime', '')}",
                            log)
     if job_state_ == "CANCELLED" and reason == "DependencyNeverSatisfied":
-        return StageStatus(stage, "cancelled", job_id, "an upstream stage failed (afterok dependency never satisfied)",
-                           log)
+        return StageStatus(stage, "cancelled", job_id, "an upstream stage failed (afterok dependency never satisfied)")
     if job_state_ == "COMPLETED":
         # The job ended well but the marker does not match: the config changed since, or the stage was redone.
         return StageStatus(stage, "ended incomplete", job_id, "job COMPLETED but no matching completion marker", log)
@@ -436,7 +435,8 @@ def format_status(rows: list[StageStatus]) -> str:
     for row in rows:
         job = f"job {row.job_id}" if row.job_id else "-"
         text = f"{row.stage:<10} {row.state:<16} {job:<12} {row.detail}".rstrip()
-        if row.log and row.state != "complete":
+        # the log of a job that ran, failed or cannot be asked about; none for one still waiting for its turn
+        if row.log and row.state != "complete" and (Path(row.log).exists() or row.failed or row.state == "unknown"):
             text += f"\n{'':<10} log: {row.log}"
         lines.append(text)
     return "\n".join(lines)

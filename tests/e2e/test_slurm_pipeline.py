@@ -279,6 +279,7 @@ def test_a_failing_stage_cancels_its_dependents_and_status_names_it(slurm_cluste
     for stage in ("tokenizer", "shard", "pretrain", "finetune"):
         row = next(line for line in lines if line.startswith(stage))
         assert row.split()[1] == "cancelled" and "upstream stage failed" in row, status.stdout
+    assert len(lines) == 6  # one log line, for the stage that ran: the cancelled jobs never started
 
 
 def test_status_says_when_slurm_has_forgotten_a_job(slurm_cluster, tmp_path: Path) -> None:
