@@ -140,3 +140,10 @@ def test_activation_checkpointing_gives_the_same_losses(base: Path, tmp_path: Pa
     recomputed = build(tiny_config(workdir_from(base, tmp_path, "ac"), "train.max_steps=3",
                                    "train.activation_checkpointing=true")).trainer.run()
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_a_lone_process_does_not_leak_its_rendezvous_into_child_processes(base: Path, tmp_path: Path) -> None:
+    if "MASTER_PORT" in os.environ:
+        pytest.skip("MASTER_PORT is set by whoever runs the tests")
+    build(tiny_config(workdir_from(base, tmp_path, "env"), "train.max_steps=1"))
+    assert "MASTER_PORT" not in os.environ and "RANK" not in os.environ  # a child scratchgpt would reuse them

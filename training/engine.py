@@ -58,6 +58,7 @@ def init_distributed() -> Dist:
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     if world_size == 1 and "MASTER_PORT" not in os.environ:
         defaults["MASTER_PORT"] = str(_free_port())  # two single-process runs on one machine must not collide
+    added = [key for key in defaults if key not in os.environ]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     cuda = use_cuda()
@@ -75,6 +76,12 @@ def init_distributed() -> Dist:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
+    if world_size == 1:
+        # The defaults made up for a lone process must not leak into processes it starts (a child would try to
+        # bind this process's MASTER_PORT). DeepSpeed reads LOCAL_RANK later, so that one stays.
+        for key in added:
+            if key != "LOCAL_RANK":
+                os.environ.pop(key, None)
     device = "cpu"
     if cuda:
         torch.cuda.set_device(local_rank)
