@@ -72,26 +72,29 @@ def _doc(obj: object) -> str | None:
     return doc if len(doc) > MIN_DOC_CHARS else None
 
 
-def docstrings(module_name: str) -> Iterator[tuple[str, str]]:
-    """(qualified name, docstring) for a module, its public classes, their methods, and its public functions."""
+def docstrings(module_name: str) -> Iterator[tuple[str, str, str]]:
+    """(qualified name, kind, docstring) for a module, its public classes, their methods, and its public functions.
+
+    kind is what the docstring documents: module, class or function (methods included).
+    """
     module = sys.modules[module_name]
     if doc := _doc(module):
-        yield module_name, doc
+        yield module_name, "module", doc
     for name, obj in sorted(vars(module).items()):
         if name.startswith("_"):
             continue
         if inspect.isclass(obj):
             if doc := _doc(obj):
-                yield f"{module_name}.{name}", doc
+                yield f"{module_name}.{name}", "class", doc
             for member_name, member in sorted(vars(obj).items()):
                 if member_name.startswith("_"):
                     continue
                 if callable(member) or isinstance(member, (property, staticmethod, classmethod)):
                     if doc := _doc(member):
-                        yield f"{module_name}.{name}.{member_name}", doc
+                        yield f"{module_name}.{name}.{member_name}", "function", doc
         elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
             if doc := _doc(obj):
-                yield f"{module_name}.{name}", doc
+                yield f"{module_name}.{name}", "function", doc
 
 
 def documents() -> Iterator[dict[str, str]]:
@@ -99,10 +102,10 @@ def documents() -> Iterator[dict[str, str]]:
     import pydoc_data.topics
 
     for topic, text in sorted(pydoc_data.topics.topics.items()):
-        yield {"id": f"{NAME}:topic:{topic}", "text": text.strip(), "source": "pydoc_data.topics"}
+        yield {"id": f"{NAME}:topic:{topic}", "text": text.strip(), "source": "pydoc_data.topics", "kind": "topic"}
     for module_name in stdlib_modules():
-        for qualname, text in docstrings(module_name):
-            yield {"id": f"{NAME}:doc:{qualname}", "text": text, "source": "docstring"}
+        for qualname, kind, text in docstrings(module_name):
+            yield {"id": f"{NAME}:doc:{qualname}", "text": text, "source": "docstring", "kind": kind}
 
 
 def write_corpus(out: Path, text_key: str = "text", id_key: str = "id") -> int:
@@ -113,7 +116,7 @@ def write_corpus(out: Path, text_key: str = "text", id_key: str = "id") -> int:
     n = 0
     with tmp.open("w", encoding="utf-8") as f:
         for doc in documents():
-            row = {id_key: doc["id"], text_key: doc["text"], "source": doc["source"]}
+            row = {id_key: doc["id"], text_key: doc["text"], "source": doc["source"], "kind": doc["kind"]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     os.replace(tmp, out)
@@ -135,6 +138,40 @@ def materialise(name: str, folder: Path, text_key: str = "text", id_key: str = "
     if result.returncode != 0 or not out.is_file():
         raise RuntimeError(f"building builtin:{NAME} failed:\n{result.stderr[-2000:]}")
     return out
+
+
+KIND_TASK = "python-docs-kind"
+KIND_LABELS = ("module", "class", "function")
+
+
+def write_kind_task(corpus: Path, out_dir: Path, eval_fraction: float = 0.15, text_key: str = "text",
+                    id_key: str = "id") -> dict[str, Path]:
+    """A built-in classification task: which kind of object (module, class, function) a docstring documents.
+
+    Real text with real labels, from the corpus file. Each distinct text appears once (re-exported copies
+    would otherwise land on both sides of the split), and a hash of the id decides train or eval, so the
+    split is the same on every run. Writes `train.tsv` and `eval.tsv` (columns label, text).
+    """
+    import hashlib
+
+    seen: set[str] = set()
+    rows: dict[str, list[str]] = {"train": [], "eval": []}
+    with Path(corpus).open(encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc.get("kind") not in KIND_LABELS or doc[text_key] in seen:
+                continue
+            seen.add(doc[text_key])
+            bucket = int.from_bytes(hashlib.sha256(doc[id_key].encode()).digest()[:8], "big") / 2**64
+            text = " ".join(doc[text_key].split())  # one line per example in a TSV
+            rows["eval" if bucket < eval_fraction else "train"].append(f"{doc['kind']}\t{text}\n")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, lines in rows.items():
+        paths[split] = out_dir / f"{split}.tsv"
+        paths[split].write_text("label\ttext\n" + "".join(lines), encoding="utf-8")
+    return paths
 
 
 if __name__ == "__main__":

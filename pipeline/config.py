@@ -20,6 +20,8 @@ from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfi
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
+# Task files built from the built-in corpus (dataprep.builtin_corpus.write_kind_task).
+BUILTIN_TASK_FILES = ("builtin:python-docs-kind/train", "builtin:python-docs-kind/eval")
 
 
 class ConfigError(ValueError):
@@ -167,7 +169,13 @@ def check_inputs(cfg: Config) -> None:
     expand_inputs(cfg.data.val_inputs, "data.val_inputs", where)
     for i, task in enumerate(cfg.finetune.tasks):
         for key in ("train", "eval"):
-            if not Path(getattr(task, key)).is_file():
+            value = getattr(task, key)
+            if value.startswith(BUILTIN_PREFIX):
+                if value not in BUILTIN_TASK_FILES:
+                    raise ConfigError(f"{where}: `finetune.tasks.{i}.{key}`: unknown built-in {value!r}; "
+                                      f"known: {sorted(BUILTIN_TASK_FILES)}")
+                continue
+            if not Path(value).is_file():
                 raise ConfigError(
                     f"{where}: `finetune.tasks.{i}.{key}`: file {getattr(task, key)!r} does not exist"
                 )

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import BUILTIN_PREFIX, Config, ConfigError
 from pipeline.tracking import stage_run
 
 
@@ -22,6 +22,20 @@ def init_folder(cfg: Config) -> Path:
 
 def task_dir(cfg: Config, task: Any, scratch: bool) -> Path:
     return Path(cfg.workdir) / "finetune" / (f"{task.name}-scratch" if scratch else task.name)
+
+
+def resolve_builtin_files(cfg: Config, task: Any) -> Any:
+    """The task with `builtin:python-docs-kind/{train,eval}` replaced by files written under the workdir."""
+    if not (task.train.startswith(BUILTIN_PREFIX) or task.eval.startswith(BUILTIN_PREFIX)):
+        return task
+    from dataprep.builtin_corpus import NAME, materialise, write_kind_task
+
+    corpus = materialise(NAME, Path(cfg.workdir) / "prep" / "input", cfg.data.text_key, cfg.data.id_key)
+    files = write_kind_task(corpus, Path(cfg.workdir) / "finetune" / "data" / "python-docs-kind",
+                            text_key=cfg.data.text_key, id_key=cfg.data.id_key)
+    update = {key: str(files[getattr(task, key).rsplit("/", 1)[1]]) for key in ("train", "eval")
+              if getattr(task, key).startswith(BUILTIN_PREFIX)}
+    return task.model_copy(update=update)
 
 
 def _tokenizer(cfg: Config, init: Path) -> Any:
@@ -62,6 +76,7 @@ def finetune_task(cfg: Config, task: Any, dist: Any, log: Any) -> dict[str, Any]
     init = init_folder(cfg)
     tokenizer = _tokenizer(cfg, init)
     eot = tokenizer.token_to_id(cfg.tokenizer.eot_token)
+    task = resolve_builtin_files(cfg, task)
     kind = task_kind(task.kind)()
     train_ex, eval_ex = kind.load(task)
     torch.manual_seed(cfg.train.seed)

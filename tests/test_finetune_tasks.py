@@ -101,3 +101,32 @@ def test_long_texts_are_truncated_on_the_configured_side_and_counted() -> None:
     assert left.truncated == right.truncated == 1
     assert left.ids == [[3, 1, 2, 3], [1, 2]]
     assert right.ids == [[1, 2, 3, 1], [1, 2]]
+
+
+def test_builtin_kind_task_splits_by_id_and_keeps_each_text_once(tmp_path: Path) -> None:
+    from dataprep.builtin_corpus import write_kind_task
+
+    docs = [{"id": f"python-docs:doc:m{i}", "text": f"Return the thing number {i}.\n  Indented.", "kind": "function"}
+            for i in range(200)]
+    docs += [{"id": "python-docs:doc:copy", "text": docs[0]["text"], "kind": "function"},  # a re-export
+             {"id": "python-docs:doc:mod", "text": "This module provides tools.", "kind": "module"},
+             {"id": "python-docs:topic:if", "text": "The if statement", "kind": "topic"}]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    files = write_kind_task(corpus, tmp_path / "task")
+    train = read_classification(files["train"], "text", "label")
+    dev = read_classification(files["eval"], "text", "label")
+    assert len(train) + len(dev) == 201  # the copy and the topic are left out
+    assert 0.05 < len(dev) / 201 < 0.3
+    assert not {e.text for e in train} & {e.text for e in dev}
+    assert "Return the thing number 0. Indented." in {e.text for e in train + dev}  # one line per example
+    again = write_kind_task(corpus, tmp_path / "again")
+    assert again["eval"].read_text() == files["eval"].read_text()
+
+
+def test_unknown_builtin_task_file_is_named(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    task = '{name: t, train: "builtin:nope/train", eval: "builtin:python-docs-kind/eval"}'
+    with pytest.raises(ConfigError, match=r"finetune\.tasks\.0\.train.*builtin:nope/train"):
+        load_config(None, [f"finetune.tasks=[{task}]"])
