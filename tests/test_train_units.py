@@ -150,3 +150,27 @@ def test_metrics_are_batched_to_a_real_mlflow_store_off_the_hot_path(tmp_path: P
                                                 tracking_uri=uri, dst_path=str(tmp_path / "dl"))
     assert Path(local).read_text() == "sample text"
     assert MetricsLogger(None).enabled is False  # ranks other than 0
+
+
+def test_tracking_costs_under_two_percent_of_training_time(tmp_path: Path) -> None:
+    """The loop's logging pattern (6 metrics every 10 steps) over steps of 20 ms, against a real sqlite store."""
+    import mlflow
+
+    from training.metrics_logger import MetricsLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    logger = MetricsLogger(run_id, uri, flush_every_s=1.0)
+    started = time.perf_counter()
+    for step in range(1, 151):
+        time.sleep(0.02)  # the training step (sleeping, so the sender thread has a core, as on a 2-core machine)
+        if step % 10 == 0:
+            logger.log({"train_loss": 1.0, "lr": 0.1, "step_time": 0.02, "tokens_per_sec": 1e4, "grad_norm": 1.0,
+                        "mfu": 0.1}, step)
+    logger.close()
+    cost = logger.overhead(time.perf_counter() - started)
+    assert cost["tracking_fraction"] < 0.02, cost
+    assert len(client.get_metric_history(run_id, "mfu")) == 15
+

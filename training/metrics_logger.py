@@ -31,6 +31,8 @@ class MetricsLogger:
             import mlflow
 
             self._client = mlflow.MlflowClient(tracking_uri)
+            # Open the store here, once (for sqlite: the engine, the schema check): a start-up cost, not a per-step one.
+            self._client.get_run(run_id)
             self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
             self._thread.start()
 
