@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.stages import STAGES, is_complete, write_marker
+from pipeline.stages import STAGES, is_complete, start_clean, write_marker
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +41,16 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
         print(f"[{name}] complete, skipped (delete {Path(cfg.workdir) / name} or pass --force to redo)")
         return None
     started = time.time()
-    print(f"[{name}] starting: {STAGES[name].help}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun/srun every rank runs this
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # Work left by another config is removed first; a multi-process launch had that done by its launcher.
+        start_clean(cfg, name, force)
+    if main_rank:
+        print(f"[{name}] starting: {STAGES[name].help}")
     summary = STAGES[name].run(cfg)
-    write_marker(cfg, name, summary, started)
-    print_summary(name, summary, time.time() - started)
+    if main_rank:
+        write_marker(cfg, name, summary, started)
+        print_summary(name, summary, time.time() - started)
     return summary
 
 
@@ -61,9 +68,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         submit(cfg)
         return 0
-    for name in STAGES:
-        run_stage(cfg, name, force=args.force)
-    print(f"\nAll stages complete under {Path(cfg.workdir).resolve()}")
+    from pipeline.run_all import closing_report, run_pipeline
+
+    run_pipeline(cfg, force=args.force)
+    print(closing_report(cfg))
     return 0
 
 
@@ -95,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after flags (`scratchgpt submit c.yaml --dry-run train.lr=1e-3`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -58,7 +58,8 @@ def run_slurm(cfg: Config, stages: list[SubStageLike], logs: Path, label: str = 
     if not cfg.slurm.partition:
         raise ConfigError("`executor: slurm` needs `slurm.partition` (datatrove writes it into every job)")
     s = cfg.slurm
-    sbatch_args: dict[str, Any] = {}
+    # Without it a failed task leaves datatrove's dependent arrays pending for ever.
+    sbatch_args: dict[str, Any] = {"kill-on-invalid-dep": "yes"}
     if s.account:
         sbatch_args["account"] = s.account
     if s.mem:

@@ -298,6 +298,10 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
         listed = ", ".join(f"{stage} (job {state})" for stage, state in waiting.items())
         raise ConfigError(f"{sub.workdir} has jobs of an earlier submission still queued: {listed}; wait for them "
                           f"or scancel them before submitting again")
+    from pipeline.stages import start_clean
+
+    for script in scripts:  # here, once, before any rank of a multi-process job could be reading them
+        start_clean(cfg, script.stage)
     base = prepare(cfg)
     record: dict[str, Any] = {"submitted": time.time(), "config": str(base / SNAPSHOT),
                               "source": str(cfg.source or ""), "skipped": skipped, "stages": {}}

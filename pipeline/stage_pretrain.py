@@ -72,7 +72,7 @@ def _mlflow_run(cfg: Config, paths: dict[str, Path], resuming: bool, tags: dict[
         except Exception:
             run_id = ""
         if run_id:
-            with mlflow.start_run(run_id=run_id) as run:
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
                 yield run, True
             return
     with stage_run(cfg, "pretrain", sections=("model", "train"), tags=tags) as run:

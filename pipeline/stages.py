@@ -12,14 +12,16 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 
 MARKER = "_COMPLETE.json"
+STARTED = "_STARTED.json"  # the hash a stage was started with, so a run with another config starts clean
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Stage:
     help: str = ""
     # Extra command-line switches: (flag, the override it stands for, help).
     flags: tuple[tuple[str, str, str], ...] = ()
+    # Folders under the workdir that hold this stage's outputs (its own folder included).
+    outputs: tuple[str, ...] = ()
 
     def run(self, cfg: Config) -> dict[str, Any]:
         module, _, func = self.entry.partition(":")
@@ -88,16 +92,49 @@ def clear_marker(cfg: Config, name: str) -> None:
     (stage_dir(cfg, name) / MARKER).unlink(missing_ok=True)
 
 
+def outputs_are_stale(cfg: Config, name: str, force: bool = False) -> bool:
+    """True when the stage's folders hold work done with another config (or --force asks to redo it).
+
+    An interrupted run with the same config is not stale: it resumes from what it left.
+    """
+    current = stage_hash(cfg, name)
+    for path in (stage_dir(cfg, name) / MARKER, stage_dir(cfg, name) / STARTED):
+        try:
+            if json.loads(path.read_text()).get("hash") != current:
+                return True
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            continue
+    return force and any((Path(cfg.workdir) / out).exists() for out in STAGES[name].outputs)
+
+
+def start_clean(cfg: Config, name: str, force: bool = False) -> None:
+    """Remove stale outputs, then record the hash this stage starts with.
+
+    Call it from one process only (the CLI for a single-process stage, `submit` before queueing a job):
+    ranks of a multi-process stage must never see each other's deletions.
+    """
+    if outputs_are_stale(cfg, name, force):
+        for out in STAGES[name].outputs:
+            shutil.rmtree(Path(cfg.workdir) / out, ignore_errors=True)
+    path = stage_dir(cfg, name) / STARTED
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stage": name, "hash": stage_hash(cfg, name), "at": time.time()}))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the {name} output folder {path.parent}: {exc.strerror or exc}") from None
+
+
 # The chain, in order. Later stages join as they are built.
 register(Stage("prep", ("data", "prep"), (), "pipeline.stage_prep:run_prep",
-               "deduplicate and quality-filter raw text into clean documents"))
+               "deduplicate and quality-filter raw text into clean documents", outputs=("prep",)))
 register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stage_tokenizer:run_tokenizer",
-               "train a byte-level BPE tokenizer on the clean documents"))
+               "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",)))
 register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stage_shard:run_shard",
-               "tokenize clean documents into Arrow token shards"))
+               "tokenize clean documents into Arrow token shards", outputs=("shard", "shards")))
 register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stage_pretrain:run_pretrain",
-               "pretrain the GPT with DeepSpeed ZeRO-3"))
+               "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",)))
 register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stage_finetune:run_finetune",
                "fine-tune the pretrained model on each task in finetune.tasks",
                flags=(("--from-scratch", "finetune.from_scratch=true",
-                       "train the same architecture from random weights (the no-pretraining baseline)"),)))
+                       "train the same architecture from random weights (the no-pretraining baseline)"),),
+               outputs=("finetune",)))

@@ -1,0 +1,80 @@
+"""`scratchgpt run`: every stage in order under one parent MLflow run, then where everything is.
+
+A stage whose completion marker matches the config is skipped; a stage whose
+config sections or upstream stages changed is redone, and so is everything
+after it (the marker hash chains through the upstream hashes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.stages import STAGES, is_complete
+from pipeline.tracking import stage_run, tracking_uri
+
+PARENT_ENV = "SCRATCHGPT_PARENT_RUN_ID"
+
+
+def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
+    """Run the chain; returns {stage: summary, or None when it was skipped}."""
+    from pipeline.cli import run_stage
+
+    pending = [name for name in STAGES if force or not is_complete(cfg, name)]
+    if not pending:
+        print("Every stage is complete for this config; nothing to do (pass --force to redo).")
+        return dict.fromkeys(STAGES)
+    results: dict[str, Any] = {}
+    with stage_run(cfg, "pipeline", sections=tuple(Config.model_fields) , tags={"stages": ",".join(pending)}) as run:
+        previous = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = run.info.run_id  # stage runs (and their subprocesses) nest under this one
+        try:
+            for name in STAGES:
+                results[name] = run_stage(cfg, name, force=force)
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+    return results
+
+
+def sample_lines(export: Path, prompt: str, tokens: int = 60, seed: int = 0) -> str:
+    """A short seeded sample from the export, for the closing report."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from training.export import load_gpt, tokenizer_eos_id
+    from training.sampling import stream_text
+
+    model, _ = load_gpt(export)
+    tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
+    eos = tokenizer_eos_id(export)
+    generator = torch.Generator().manual_seed(seed)
+    pieces = stream_text(model.eval(), tokenizer, prompt, tokens, 0.8, 40, None, generator, eos, "cpu", start_id=eos)
+    return prompt + "".join(pieces)
+
+
+def closing_report(cfg: Config) -> str:
+    """Where the model, the MLflow store and the fine-tuned tasks are, and a few generated lines."""
+    work = Path(cfg.workdir).resolve()
+    uri = tracking_uri(cfg)
+    lines = ["", "=" * 72, f"Workdir:        {work}"]
+    export = work / "pretrain" / "export"
+    if (export / "config.json").is_file():
+        lines.append(f"Model:          {export}  (transformers.GPT2LMHeadModel.from_pretrained)")
+    for task in cfg.finetune.tasks:
+        for folder in sorted((work / "finetune").glob(f"{task.name}*/export")):
+            lines.append(f"Task model:     {folder}")
+    lines.append(f"MLflow store:   {uri}  (experiment {cfg.tracking.experiment!r})")
+    ui = f"--backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else ""
+    lines.append(f"Browse runs:    .venv/bin/mlflow ui {ui} --port 5000".rstrip())
+    lines.append(f"Compare runs:   .venv/bin/scratchgpt runs {cfg.source or 'CONFIG'}")
+    if (export / "config.json").is_file():
+        lines += ["", f"Sample (prompt {cfg.train.sample_prompt!r}, seed 0):", "-" * 72]
+        lines.append(sample_lines(export, cfg.train.sample_prompt))
+        lines.append("-" * 72)
+        lines.append(f"More: .venv/bin/scratchgpt generate --model {export} --prompt 'Return the'")
+    return "\n".join(lines)
