@@ -27,7 +27,7 @@ def print_summary(name: str, summary: dict[str, Any], seconds: float) -> None:
     print(f"\n[{name}] done in {seconds:.1f} s")
     for key, value in summary.items():
         if isinstance(value, dict):
-            inner = ", ".join(f"{k}={v}" for k, v in value.items())
+            inner = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
             print(f"  {key}: {inner}")
         elif isinstance(value, float):
             print(f"  {key}: {value:.4g}")

@@ -110,12 +110,13 @@ class Finetuner:
         self.log = log or (lambda metrics, step: None)
         self.device = eng.dist.device
 
-    def _forward(self, rows: list[list[int]], targets: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, rows: list[list[int]], targets: list[Any], lm_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         ids, lengths = pad_batch(rows, self.pad_id)
         ids, lengths = ids.to(self.device), lengths.to(self.device)
         if self.objective == "classification":
             labels = torch.tensor(targets, dtype=torch.long, device=self.device)
-            return self.eng.engine(ids, lengths, labels, self.task.lm_loss_weight)
+            return self.eng.engine(ids, lengths, labels, lm_weight)
         y = torch.full_like(ids, -100)
         for i, t in enumerate(targets):
             y[i, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -143,7 +144,7 @@ class Finetuner:
         for start in range(0, len(self.evaluation.ids), size):
             rows = self.evaluation.ids[start:start + size]
             targets = self.evaluation.targets[start:start + size]
-            out, loss = self._forward(rows, targets)
+            out, loss = self._forward(rows, targets)  # eval loss: the task's own loss, without the LM term
             if self.objective == "classification":
                 preds.extend(out.argmax(-1).tolist())
                 losses.append(float(loss) * len(rows))
@@ -173,7 +174,7 @@ class Finetuner:
             self.eng.set_lr(lr_at(step - 1, self.task.lr, self.task.lr / 10, max(1, self.task.max_steps // 20),
                                   self.task.max_steps))
             rows, targets = next(batches)
-            _, loss = self._forward(rows, targets)
+            _, loss = self._forward(rows, targets, self.task.lm_loss_weight)
             engine.backward(loss)
             engine.step()
             if step % self.task.eval_every == 0 or step == self.task.max_steps:
