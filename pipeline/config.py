@@ -33,12 +33,14 @@ class Section(BaseModel):
 
 
 class SlurmConfig(Section):
-    partition: str | None = None
-    account: str | None = None
-    nodes: int = Field(1, ge=1)
-    tasks_per_node: int = Field(1, ge=1)
-    cpus_per_task: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
+    """Slurm jobs (executor: slurm)."""
+
+    partition: str | None = Field(None, description="Partition (sbatch --partition).")
+    account: str | None = Field(None, description="Account (sbatch --account).")
+    nodes: int = Field(1, ge=1, description="Nodes for pretraining.")
+    tasks_per_node: int = Field(1, ge=1, description="Processes per node for pretraining (one per device).")
+    cpus_per_task: int = Field(1, ge=1, description="CPUs per process.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0 on CPU clusters).")
     mem: str | None = Field(None, description="Memory per node, as sbatch takes it (e.g. 16G).")
     time: str = Field("01:00:00", description="Time limit per job, as sbatch takes it.")
     signal_seconds: int = Field(120, ge=1, description="USR1 this long before the limit: checkpoint, requeue.")
@@ -50,8 +52,10 @@ class SlurmConfig(Section):
 
 
 class TrackingConfig(Section):
+    """MLflow tracking."""
+
     uri: str | None = Field(None, description="None: sqlite:///<workdir>/mlflow.db (or $MLFLOW_TRACKING_URI).")
-    experiment: str = "scratchgpt"
+    experiment: str = Field("scratchgpt", description="MLflow experiment name.")
 
 
 class Config(Section):
@@ -63,7 +67,9 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    executor: Literal["local", "slurm"] = "local"
+    executor: Literal["local", "slurm"] = Field(
+        "local", description="local: run here; slurm: submit every stage as a Slurm job."
+    )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -66,10 +66,12 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if field.exclude:
             continue
         key = f"{prefix}{name}"
-        cells = [f"`{key}`", _type_name(field.annotation), _default(field), field.description or ""]
+        sections = _sections(field.annotation)
+        doc = field.description or next((m.__doc__.strip().splitlines()[0] for m in sections if m.__doc__), "")
+        cells = [f"`{key}`", _type_name(field.annotation), _default(field), doc]
         # A `|` inside a cell would end it, even inside backticks.
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        for section in _sections(field.annotation):
+        for section in sections:
             child_prefix = f"{key}[]." if get_origin(field.annotation) is list else f"{key}."
             out.extend(rows(section, child_prefix))
     return out

@@ -12,15 +12,19 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_embd: int = Field(128, ge=1)
+    """The GPT's shape."""
+
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_embd: int = Field(128, ge=1, description="Width of the residual stream (divisible by n_head).")
     block_size: int = Field(256, ge=2, description="Context length in tokens.")
     position: Literal["learned", "sinusoidal"] = Field(
         "learned", description="Learned position embeddings, or the fixed sin/cos table."
     )
     vocab_size: int | None = Field(None, description="None: the tokenizer's vocabulary size.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals (0 for parity with the export)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -32,26 +36,30 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    """Pretraining: optimizer, schedule, DeepSpeed, evaluation and checkpoints."""
+
     micro_batch_size: int = Field(16, ge=1, description="Sequences per process per micro-step.")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3.0e-3, gt=0)
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    lr: float = Field(3.0e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(3.0e-4, ge=0, description="Floor of the cosine schedule.")
-    warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(2000, ge=1)
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps; the cosine schedule ends here.")
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; stops with a checkpoint.")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not biases or norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off.")
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    activation_checkpointing: bool = False
-    seed: int = 1337
-    eval_every: int = Field(200, ge=1)
-    eval_batches: int = Field(20, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(10, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively, else fp32."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+    seed: int = Field(1337, description="Seed of weights, data order and sampling.")
+    eval_every: int = Field(200, ge=1, description="Steps between evaluations (val loss, bits per byte, a sample).")
+    eval_batches: int = Field(20, ge=1, description="Micro-batches of the val split per evaluation.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is also written at the end).")
+    log_every: int = Field(10, ge=1, description="Steps between logged training metrics.")
     sample_prompt: str = Field("The", description="Prompt of the sample generations logged at each eval.")
-    sample_tokens: int = Field(64, ge=0)
+    sample_tokens: int = Field(64, ge=0, description="Tokens of each sample generation.")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys merged over the generated DeepSpeed JSON (nested mappings merge key by key).",
@@ -59,27 +67,35 @@ class TrainConfig(Section):
 
 
 class TaskConfig(Section):
-    name: str
+    """One fine-tuning task."""
+
+    name: str = Field(description="Task name: its folder under <workdir>/finetune and its MLflow run.")
     kind: str = Field("classification", description="classification, sft, or a registered task name.")
-    train: str
-    eval: str
-    text_key: str = "text"
-    label_key: str = "label"
+    train: str = Field(description="Training file (.tsv, .csv, .jsonl, .parquet) or builtin:python-docs-kind/train.")
+    eval: str = Field(description="Evaluation file, as train.")
+    text_key: str = Field("text", description="Text column.")
+    label_key: str = Field("label", description="Label column (classification).")
     eval_text_key: str | None = Field(None, description="Text column of the eval file, if it differs (null: text_key).")
     eval_label_key: str | None = Field(None, description="Label column of the eval file (null: label_key).")
-    prompt_key: str = "prompt"
-    response_key: str = "response"
-    truncate: Literal["left", "right"] = "left"
-    max_steps: int = Field(500, ge=1)
-    micro_batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    prompt_key: str = Field("prompt", description="Prompt column (sft).")
+    response_key: str = Field("response", description="Response column (sft).")
+    truncate: Literal["left", "right"] = Field(
+        "left", description="Texts longer than block_size keep their end (left) or their start (right)."
+    )
+    max_steps: int = Field(500, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
+    micro_batch_size: int = Field(32, ge=1, description="Examples per process per step.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lm_loss_weight: float = Field(0.5, ge=0, description="GPT-1's auxiliary language-modelling loss.")
-    eval_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1, description="Steps between evaluations.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping early.")
     from_scratch: bool = Field(False, description="Train this task from random weights.")
 
 
 class FinetuneConfig(Section):
-    tasks: list[TaskConfig] = Field(default_factory=list)
+    """Fine-tuning tasks."""
+
+    tasks: list[TaskConfig] = Field(
+        default_factory=list, description="The tasks, each fine-tuned from the pretrained model."
+    )
     init_from: str | None = Field(None, description="Export folder to start from (null: <workdir>/pretrain/export).")
     from_scratch: bool = Field(False, description="Train every task from random weights: the no-pretraining baseline.")
