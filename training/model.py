@@ -244,7 +244,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self._hidden(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # In float: a bf16 loss is too coarse to compare or log (7.1250, 7.1875, ...).
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
