@@ -23,18 +23,20 @@ def predict(folder: Path, texts: list[str], batch_size: int = 64) -> list[dict[s
     import torch
     from tokenizers import Tokenizer
 
-    from training.classifier import load_classifier
+    from training.classifier import load_classifier, read_labels
     from training.finetune import pad_batch
+    from training.tasks import truncate
 
     model, labels, pad = load_classifier(folder)
+    side = read_labels(folder)["truncate"]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     block = model.gpt.config.block_size
     results: list[dict[str, Any]] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            # Keep the end of a long text, as fine-tuning does by default.
-            rows = [(enc.ids or [pad])[-block:] for enc in tokenizer.encode_batch(chunk)]
+            # Long texts are cut on the side the task was trained and evaluated with.
+            rows = [truncate(enc.ids or [pad], block, side)[0] for enc in tokenizer.encode_batch(chunk)]
             ids, lengths = pad_batch(rows, pad)
             probs = torch.softmax(model(ids, lengths)[0].float(), dim=-1)
             for text, p in zip(chunk, probs, strict=True):
@@ -45,10 +47,15 @@ def predict(folder: Path, texts: list[str], batch_size: int = 64) -> list[dict[s
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    source = args.file.open(encoding="utf-8") if args.file else sys.stdin
-    with source:
-        texts = [line.rstrip("\n") for line in source if line.strip()]
-    for row in predict(args.model, texts, args.batch_size):
+    try:
+        source = args.file.open(encoding="utf-8") if args.file else sys.stdin
+        with source:
+            texts = [line.rstrip("\n") for line in source if line.strip()]
+        rows = predict(args.model, texts, args.batch_size)
+    except (OSError, ValueError) as exc:  # a missing file or model, not a classifier export, bad UTF-8
+        print(f"scratchgpt predict: {exc}", file=sys.stderr)
+        return 2
+    for row in rows:
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:

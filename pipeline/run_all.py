@@ -66,8 +66,9 @@ def closing_report(cfg: Config) -> str:
     if (export / "config.json").is_file():
         lines.append(f"Model:          {export}  (transformers.GPT2LMHeadModel.from_pretrained)")
     for task in cfg.finetune.tasks:
-        for folder in sorted((work / "finetune").glob(f"{task.name}*/export")):
-            lines.append(f"Task model:     {folder}")
+        for name in (task.name, f"{task.name}-scratch"):
+            if (work / "finetune" / name / "export").is_dir():
+                lines.append(f"Task model:     {work / 'finetune' / name / 'export'}")
     lines.append(f"MLflow store:   {uri}  (experiment {cfg.tracking.experiment!r})")
     ui = f"--backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else ""
     lines.append(f"Browse runs:    .venv/bin/mlflow ui {ui} --port 5000".rstrip())

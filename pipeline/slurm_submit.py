@@ -484,6 +484,7 @@ def run_task(stage: str, config: Path) -> int:
         return 2
     print(f"[slurm] rank {env.rank}/{env.world_size} on {socket.gethostname()} (node {env.node_rank}, local rank "
           f"{env.local_rank}), master {env.master_addr}:{env.master_port}", flush=True)
+    env.apply_to_environ()  # before the stage: rank 0 alone writes its marker and summary
     return cli_main([stage, str(config)])
 
 

@@ -102,7 +102,8 @@ def finetune_task(cfg: Config, task: Any, dist: Any, log: Any) -> dict[str, Any]
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else Path(cfg.workdir) / "tokenizer"
         if labels is not None:
-            export_classifier(result.best_state, gpt_config, labels.labels, eot, tok_dir, out / "export")
+            export_classifier(result.best_state, gpt_config, labels.labels, eot, tok_dir, out / "export",
+                              truncate=task.truncate)
             write_json(out / "confusion.json", {"labels": labels.labels, "matrix": result.confusion})
         else:
             export_hf(result.best_state, gpt_config, tok_dir, out / "export")

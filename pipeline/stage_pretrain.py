@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.tracking import flatten, stage_run, tracking_uri
+from pipeline.tracking import flatten, stage_run, tracking_uri, use_tracking
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -66,7 +66,7 @@ def _mlflow_run(cfg: Config, paths: dict[str, Path], resuming: bool, tags: dict[
     run_id_file = paths["stage"] / RUN_ID_FILE
     if resuming and run_id_file.is_file():
         run_id = run_id_file.read_text().strip()
-        mlflow.set_tracking_uri(tracking_uri(cfg))
+        use_tracking(cfg)
         try:
             mlflow.MlflowClient().get_run(run_id)
         except Exception:

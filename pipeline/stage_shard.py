@@ -192,6 +192,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
         print(f"[shard] warning: {summary['val_inputs_malformed']} malformed records in data.val_inputs were "
               f"set aside in {removed}, each with its reason")
     if summary["val_docs"] == 0:
-        print(f"[shard] warning: the val split is empty; raise shards.val_fraction ({sc.val_fraction}) "
-              f"or set data.val_inputs, or training cannot evaluate")
+        # Fail here, before the completion marker, rather than let pretraining find it out.
+        raise ConfigError(f"the val split is empty: raise shards.val_fraction ({sc.val_fraction}) or set "
+                          f"data.val_inputs, or training cannot evaluate")
     return summary

@@ -136,5 +136,6 @@ register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stage_pretr
 register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stage_finetune:run_finetune",
                "fine-tune the pretrained model on each task in finetune.tasks",
                flags=(("--from-scratch", "finetune.from_scratch=true",
-                       "train the same architecture from random weights (the no-pretraining baseline)"),),
-               outputs=("finetune",)))
+                       "train the same architecture from random weights (the no-pretraining baseline)"),)))
+# finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
+# --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.

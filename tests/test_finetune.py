@@ -113,12 +113,17 @@ def test_accuracy_on_eval_matches_a_reloaded_model(finetuned: tuple[Path, dict])
 
 
 def test_from_scratch_writes_beside_the_pretrained_run(tmp_path: Path, pretrained: Path) -> None:
-    cfg = _config(tmp_path, pretrained, "finetune.from_scratch=true", "model.n_layer=1", "model.n_embd=32",
-                  "model.n_head=2", "model.block_size=64", steps=4)
-    run_finetune(cfg)
-    export = tmp_path / "work" / "finetune" / "sst2-scratch" / "export"
-    model, _, _ = load_classifier(export)
-    assert model.gpt.config.n_layer == 1  # the configured shape, not the pretrained one
+    from pipeline.cli import run_stage
+
+    run_stage(_config(tmp_path, pretrained, steps=4), "finetune")
+    scratch = _config(tmp_path, pretrained, "finetune.from_scratch=true", "model.n_layer=1", "model.n_embd=32",
+                      "model.n_head=2", "model.block_size=64", steps=4)
+    run_stage(scratch, "finetune")
+    folder = tmp_path / "work" / "finetune"
+    baseline, _, _ = load_classifier(folder / "sst2-scratch" / "export")
+    assert baseline.gpt.config.n_layer == 1  # the configured shape, not the pretrained one
+    pretrained_model, _, _ = load_classifier(folder / "sst2" / "export")  # still there beside it
+    assert pretrained_model.gpt.config.n_layer == 2
 
 
 def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict], capsys) -> None:
@@ -168,3 +173,40 @@ def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, 
     from transformers import GPT2LMHeadModel
 
     GPT2LMHeadModel.from_pretrained(tmp_path / "work" / "finetune" / "sst2-sft" / "export", local_files_only=True)
+
+
+def test_predict_cuts_long_texts_on_the_side_the_task_used(finetuned: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from pipeline.cmd_finetune import predict
+    from training.classifier import LABELS_FILE
+
+    source, _ = finetuned
+    export = tmp_path / "export"
+    shutil.copytree(source / "work" / "finetune" / "sst2" / "export", export)
+    model, labels, _ = load_classifier(export)
+    long_text = "a gorgeous , witty , seductive movie . " * 20 + "the plot is nothing but boilerplate clichés " * 20
+    ids = Tokenizer.from_file(str(export / "tokenizer.json")).encode(long_text).ids
+    assert len(ids) > 64  # the model's block_size
+    info = json.loads((export / LABELS_FILE).read_text())
+    seen = []
+    for side, kept in (("left", ids[-64:]), ("right", ids[:64])):
+        (export / LABELS_FILE).write_text(json.dumps({**info, "truncate": side}))
+        got = predict(export, [long_text])[0]["probabilities"]
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([kept]), torch.tensor([len(kept)]))[0], -1)[0]
+        assert got == pytest.approx(dict(zip(labels, probs.tolist(), strict=True)), abs=1e-5)
+        seen.append(got)
+    assert seen[0] != seen[1]  # the two ends of the text really differ for the model
+
+
+def test_predict_refuses_a_folder_that_is_not_a_classifier(tmp_path: Path, pretrained: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    assert main(["predict", "--model", str(pretrained / "export"), "--file", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("fine\n")
+    assert main(["predict", "--model", str(pretrained / "export"), "--file", str(tmp_path / "t.txt")]) == 2
+    assert "not a fine-tuned classifier export" in capsys.readouterr().err

@@ -62,8 +62,10 @@ def export_classifier(
     pad_id: int,
     tokenizer_dir: Path | None,
     out_dir: Path,
+    truncate: str = "left",
 ) -> Path:
-    """A GPT2ForSequenceClassification folder, plus labels.json for `scratchgpt predict`."""
+    """A GPT2ForSequenceClassification folder, plus labels.json for `scratchgpt predict` (with the side long
+    texts were cut on in training, so predictions see what evaluation saw)."""
     from safetensors.torch import load_file, save_file
 
     from training.export import CONFIG_FILE, WEIGHTS_FILE, export_hf
@@ -82,8 +84,17 @@ def export_classifier(
         pad_token_id=pad_id,
     )
     (out_dir / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
-    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels, "pad_id": pad_id}, indent=2) + "\n")
+    body = {"labels": labels, "pad_id": pad_id, "truncate": truncate}
+    (out_dir / LABELS_FILE).write_text(json.dumps(body, indent=2) + "\n")
     return out_dir
+
+
+def read_labels(folder: str | Path) -> dict[str, Any]:
+    """labels.json of a classifier export: labels, pad_id and truncate (the side long texts are cut on)."""
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a fine-tuned classifier export")
+    return {"truncate": "left", **json.loads(path.read_text())}
 
 
 def load_classifier(folder: str | Path) -> tuple[GPTClassifier, list[str], int]:
