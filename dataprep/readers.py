@@ -53,52 +53,41 @@ def input_format(path: str) -> str:
     )
 
 
-def _zstd_chunks(f) -> Iterator[bytes]:
-    """Decompressed chunks of a (multi-frame) zstd file; EOFError when it ends inside a frame.
+def _member_chunks(f, new_decompressor, error: type[Exception], kind: str) -> Iterator[bytes]:
+    """Decompressed chunks of a file of concatenated frames/members; EOFError when it ends inside one.
 
-    zstandard's stream reader returns a short read for a truncated file without
-    complaint, so the frame boundaries are checked here.
+    Neither library says so at a truncation: zstandard's stream reader returns a short read without
+    complaint, and gzip.GzipFile.read raises but drops what it had decompressed in that call. Feeding
+    the decompressor piece by piece keeps every complete line before the cut, and the end-of-frame
+    flag tells a truncated file from a whole one.
     """
+    dobj = new_decompressor()
+    fed = False
+    while buf := f.read(IN_CHUNK):
+        while buf:
+            if dobj.eof:
+                dobj = new_decompressor()
+            try:
+                out = dobj.decompress(buf)
+            except error as exc:
+                raise OSError(f"corrupt {kind} data: {exc}") from None
+            fed = True
+            if out:
+                yield out
+            buf = dobj.unused_data if dobj.eof else b""
+    if fed and not dobj.eof:
+        raise EOFError(f"{kind} stream ends in the middle of a frame (truncated file?)")
+
+
+def _zstd_chunks(f) -> Iterator[bytes]:
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
-    dobj = dctx.decompressobj()
-    fed = False
-    while buf := f.read(IN_CHUNK):
-        while buf:
-            if dobj.eof:
-                dobj = dctx.decompressobj()
-            out = dobj.decompress(buf)
-            fed = True
-            if out:
-                yield out
-            buf = dobj.unused_data if dobj.eof else b""
-    if fed and not dobj.eof:
-        raise EOFError("zstd stream ends in the middle of a frame (truncated file?)")
+    return _member_chunks(f, dctx.decompressobj, zstandard.ZstdError, "zstd")
 
 
 def _gzip_chunks(f) -> Iterator[bytes]:
-    """Decompressed chunks of a (multi-member) gzip file, everything up to a truncation; then EOFError.
-
-    gzip.GzipFile.read raises at a truncation and drops what it had decompressed
-    in that call; feeding zlib piece by piece keeps every complete line before the cut.
-    """
-    dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    fed = False
-    while buf := f.read(IN_CHUNK):
-        while buf:
-            if dobj.eof:
-                dobj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                out = dobj.decompress(buf)
-            except zlib.error as exc:
-                raise OSError(f"corrupt gzip data: {exc}") from None
-            fed = True
-            if out:
-                yield out
-            buf = dobj.unused_data if dobj.eof else b""
-    if fed and not dobj.eof:
-        raise EOFError("gzip stream ends before its end marker (truncated file?)")
+    return _member_chunks(f, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), zlib.error, "gzip")
 
 
 def _byte_chunks(path: str) -> Iterator[bytes]:
