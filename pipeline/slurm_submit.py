@@ -485,7 +485,15 @@ def run_task(stage: str, config: Path) -> int:
     print(f"[slurm] rank {env.rank}/{env.world_size} on {socket.gethostname()} (node {env.node_rank}, local rank "
           f"{env.local_rank}), master {env.master_addr}:{env.master_port}", flush=True)
     env.apply_to_environ()  # before the stage: rank 0 alone writes its marker and summary
-    return cli_main([stage, str(config)])
+    code = cli_main([stage, str(config)])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Leave together: a rank that exits while another still holds the gloo context aborts
+        # ("terminate called without an active exception"), and srun then fails the whole step.
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
