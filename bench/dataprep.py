@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/ itself must not shadow the standard library (bench/tokenize.py would hide `tokenize`).
+# Import from the repository root, never from bench/: a script here must not shadow a standard-library module.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

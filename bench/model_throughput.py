@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, where bench/tokenize.py would shadow the standard
-# library's tokenize (used by traceback and linecache); import from the repository root instead.
+# Run as a script, this folder comes first on sys.path; import from the repository root instead, so that no
+# file in bench/ can shadow a standard-library module.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/tokenize.py would shadow the standard library's `tokenize` (which torch imports) when this file runs as a
-# script, since Python puts the script's folder first on sys.path: put the repository there instead.
+# Python puts a script's folder first on sys.path; import from the repository root instead, so that no file in
+# bench/ can shadow a standard-library module.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

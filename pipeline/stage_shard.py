@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataprep.prep import SubStage
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
 from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output
 from pipeline.stages import MARKER, stage_dir, stage_hash
@@ -33,16 +33,6 @@ def tokenizer_dir(cfg: Config) -> Path:
     if not (folder / "tokenizer.json").is_file():
         raise StageInputError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
     return folder
-
-
-@dataclass
-class SubStage:
-    """One datatrove pipeline of this stage, in the form pipeline.executors runs."""
-
-    name: str
-    pipeline: list[Any]
-    tasks: int
-    workers: int
 
 
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
