@@ -167,6 +167,11 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
     while (state := slurm_cluster.job_state(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"):
         if state["Restarts"] != "0" and state["JobState"] == "PENDING":
             # Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s): the test bed need not.
+            # But only once the first run has left both nodes (its batch script is still exiting after the
+            # requeue): a launch onto a node still completing the same job id fails at once.
+            while slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T").split() != ["idle", "idle"]:
+                assert time.monotonic() < deadline, slurm_cluster.run("sinfo", "-N")
+                time.sleep(0.2)
             slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             break
         assert time.monotonic() < deadline, state
