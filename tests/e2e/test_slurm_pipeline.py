@@ -163,23 +163,28 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
         time.sleep(0.2)
     # What Slurm sends before the time limit (--signal=USR1@...): USR1 to the tasks of the job's steps.
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
-    deadline = time.monotonic() + 120
-    while (state := slurm_cluster.job_state(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"):
-        if state["Restarts"] != "0" and state["JobState"] == "PENDING":
-            # Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s): the test bed need not.
-            # But only once the first run has left both nodes (its batch script is still exiting after the
-            # requeue): a launch onto a node still completing the same job id fails at once.
-            while slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T").split() != ["idle", "idle"]:
-                assert time.monotonic() < deadline, slurm_cluster.run("sinfo", "-N")
-                time.sleep(0.2)
-            slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-            break
+    relaunches = 0
+    deadline = time.monotonic() + 240
+    while (state := slurm_cluster.job_state(job_id))["JobState"] != "COMPLETED":
         assert time.monotonic() < deadline, state
-        time.sleep(0.2)
-    state = slurm_cluster.wait(job_id, timeout=240)
+        if state["JobState"] == "FAILED" and state["Restarts"] != "0" and state["RunTime"] == "00:00:00" \
+                and relaunches == 0:
+            # Slurm 22.05 on this one-machine test bed sometimes relaunches a job that requeued itself at once,
+            # and that launch fails before the script runs (RunTime 0, nothing in the log). Requeue it again, as
+            # an operator would; the resume below is still checked in full.
+            slurm_cluster.run("scontrol", "requeue", job_id)
+            relaunches += 1
+        elif state["JobState"] in ("FAILED", "CANCELLED"):
+            break
+        elif state["Restarts"] != "0" and state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
+            # Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s): the test bed need not,
+            # once the first run has left both nodes (a launch onto a node still completing it fails).
+            if slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T").split() == ["idle", "idle"]:
+                slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        time.sleep(0.5)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED", f"{state}\n{text[-4000:]}"
-    assert int(state["Restarts"]) == 1, state
+    assert int(state["Restarts"]) == 1 + relaunches, state
     stopped = re.search(r"stopped by signal after step (\d+)", text)
     assert stopped and 2 <= int(stopped.group(1)) < STEPS, text[-4000:]
     step = int(stopped.group(1))
