@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
+from pipeline.stage_tokenizer import tokenizer_output
 from pipeline.tracking import flatten, stage_run, tracking_uri, use_tracking
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -120,8 +121,7 @@ def build(cfg: Config) -> PretrainSetup:
 
     paths = pretrain_paths(cfg)
     manifest = _read_manifest(paths["shards"])
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
-        raise ConfigError(f"no tokenizer in {paths['tokenizer']}: run `scratchgpt tokenizer` first")
+    tokenizer_output(cfg)
     vocab = cfg.model.vocab_size or manifest["vocab_size"]
     gcfg = GPTConfig.from_model_config(cfg.model, vocab)
     train = cfg.train

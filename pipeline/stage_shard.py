@@ -20,19 +20,12 @@ from typing import Any
 
 from dataprep.prep import SubStage
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
-from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output
+from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output, tokenizer_output
 from pipeline.stages import MARKER, stage_dir, stage_hash
 
 
 def shards_dir(cfg: Config) -> Path:
     return Path(cfg.workdir) / "shards"
-
-
-def tokenizer_dir(cfg: Config) -> Path:
-    folder = stage_dir(cfg, "tokenizer")
-    if not (folder / "tokenizer.json").is_file():
-        raise StageInputError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
-    return folder
 
 
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
@@ -131,7 +124,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
 
     sc = cfg.shards
     clean = prep_output(cfg)
-    tok_dir = tokenizer_dir(cfg)
+    tok_dir = tokenizer_output(cfg)
     token_hash = tokenizer_sha256(tok_dir)
     out = shards_dir(cfg)
     logs = stage_dir(cfg, "shard") / "logs"

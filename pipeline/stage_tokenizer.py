@@ -37,6 +37,14 @@ def prep_output(cfg: Config) -> Path:
     return folder
 
 
+def tokenizer_output(cfg: Config) -> Path:
+    """The trained tokenizer's folder; an error saying what to run when it is not there."""
+    folder = stage_dir(cfg, "tokenizer")
+    if not (folder / "tokenizer.json").is_file():
+        raise StageInputError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
+    return folder
+
+
 def clean_texts(folder: Path) -> Iterator[tuple[str, str]]:
     """(id, text) of every clean document, read with datatrove's JsonlReader."""
     from datatrove.pipeline.readers import JsonlReader

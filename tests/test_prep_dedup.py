@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-import zstandard
+from data_helpers import WEB, read_zst_jsonl
 
 from pipeline.config import load_config
 from pipeline.stage_prep import run_prep
 
-WEB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "web"
 FILTERS_OFF = {k: False for k in ("length", "language", "gopher_repetition", "gopher_quality", "c4_quality",
                                   "fineweb_quality", "pii")}
-
-
-def read_zst_jsonl(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("*.jsonl.zst")):
-        text = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read().decode()
-        rows += [json.loads(line) for line in text.splitlines()]
-    return rows
 
 
 def change_words(text: str, n: int, seed: int) -> str:

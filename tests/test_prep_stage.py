@@ -12,22 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-import zstandard
+from data_helpers import WEB, read_zst_jsonl
 
 from dataprep.builtin_corpus import materialise
 from pipeline.cli import main
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB = ROOT.parent / "shared" / "data" / "web"
-
-
-def read_zst_jsonl(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("*.jsonl.zst")):
-        text = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read().decode()
-        rows += [json.loads(line) for line in text.splitlines()]
-    return rows
 
 
 def write_config(tmp: Path, workdir: Path, inputs: list[str], **prep) -> Path:

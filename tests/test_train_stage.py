@@ -4,7 +4,6 @@ gloo), SIGTERM and resume, and what lands in the MLflow store."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,10 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from train_helpers import TINY, build_workdir, copy_inputs
-
-from pipeline.config import parse_override
+from train_helpers import TINY, build_workdir, cli_env, copy_inputs, write_yaml
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -30,24 +26,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(base: Path, workdir: Path, *overrides: str) -> Path:
     """A YAML file with the tiny model, and the workdir holding a copy of base's tokenizer and shards."""
     copy_inputs(base, workdir)
-    tree: dict = {"workdir": str(workdir), "tokenizer": {"vocab_size": 300}, "tracking": {"experiment": "t"}}
-    for text in [*TINY, *overrides]:
-        keys, value = parse_override(text)
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    path = workdir.parent / f"{workdir.name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def cli_env() -> dict[str, str]:
-    # mlflow.set_tracking_uri in the fixture exports MLFLOW_TRACKING_URI; each run must use its own workdir's store
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MLFLOW_TRACKING_URI")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return write_yaml(workdir.parent / f"{workdir.name}.yaml",
+                      [f"workdir={workdir}", "tokenizer.vocab_size=300", "tracking.experiment=t", *TINY, *overrides])
 
 
 def scratchgpt(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

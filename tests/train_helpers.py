@@ -7,9 +7,10 @@ documents of a few hundred lines. Holds no tests itself.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, parse_override
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
@@ -59,3 +60,27 @@ def copy_inputs(base: Path, workdir: Path) -> None:
 
     for name in ("tokenizer", "shards"):
         shutil.copytree(base / name, workdir / name)
+
+
+def write_yaml(path: Path, overrides: list[str]) -> Path:
+    """A config file holding exactly these `key.path=value` settings, as a user would write it."""
+    import yaml
+
+    tree: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    """This environment without rank variables or an MLflow URI, so a command uses its own workdir's store.
+
+    (mlflow.set_tracking_uri in a fixture exports MLFLOW_TRACKING_URI.)
+    """
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "MLFLOW_TRACKING_URI")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}

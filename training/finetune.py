@@ -139,20 +139,25 @@ class Finetuner:
     def evaluate(self) -> dict[str, Any]:
         """Every rank scores the whole eval set (ZeRO-3 needs all ranks in each forward)."""
         self.eng.engine.eval()
-        preds, losses, weights = [], [], []
+        n = len(self.evaluation.ids)
+        preds, losses, weights = [0] * n, [], []
         size = max(64, self.task.micro_batch_size)
-        for start in range(0, len(self.evaluation.ids), size):
-            rows = self.evaluation.ids[start:start + size]
-            targets = self.evaluation.targets[start:start + size]
+        # Batches of similar lengths pad little: evaluation runs often, and padding is most of its cost.
+        order = sorted(range(n), key=lambda i: len(self.evaluation.ids[i]))
+        for start in range(0, n, size):
+            chunk = order[start:start + size]
+            rows = [self.evaluation.ids[i] for i in chunk]
+            targets = [self.evaluation.targets[i] for i in chunk]
             out, loss = self._forward(rows, targets)  # eval loss: the task's own loss, without the LM term
             if self.objective == "classification":
-                preds.extend(out.argmax(-1).tolist())
+                for i, pred in zip(chunk, out.argmax(-1).tolist(), strict=True):
+                    preds[i] = pred
                 losses.append(float(loss) * len(rows))
                 weights.append(len(rows))
             else:
-                n = sum(1 for t in targets for v in t if v != -100)
-                losses.append(float(loss) * n)
-                weights.append(n)
+                scored = sum(1 for t in targets for v in t if v != -100)
+                losses.append(float(loss) * scored)
+                weights.append(scored)
         self.eng.engine.train()
         result: dict[str, Any] = {"eval_loss": sum(losses) / max(sum(weights), 1)}
         if self.objective == "classification":

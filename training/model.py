@@ -267,19 +267,12 @@ class GPT(nn.Module):
         return 6.0 * self.num_params() + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        eos_id: int | None = None,
-    ) -> torch.Tensor:
-        """idx [B, T] followed by up to max_new_tokens sampled ids (fewer if every row reached eos_id)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, eos_id))
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        """idx [B, T] followed by up to max_new_tokens sampled ids (fewer if every row reached eos_id).
+
+        `sampling` takes generate_stream's keywords (temperature, top_k, top_p, generator, use_cache, eos_id).
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
         if not new:
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)

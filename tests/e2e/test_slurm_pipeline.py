@@ -4,7 +4,6 @@ through `scratchgpt submit`, preemption (USR1 -> checkpoint -> requeue -> resume
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared training helpers
-from train_helpers import SHAKESPEARE, TINY, build_workdir, copy_inputs  # noqa: E402
+from train_helpers import SHAKESPEARE, TINY, build_workdir, cli_env, copy_inputs, write_yaml  # noqa: E402
 
-from pipeline.config import load_config, parse_override  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
@@ -29,26 +27,9 @@ TRAIN = [*TINY, f"train.max_steps={STEPS}", "train.eval_every=1000", "train.chec
          "train.sample_tokens=0", "tracking.experiment=t"]
 
 
-def cli_env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "MLFLOW_TRACKING_URI")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}
-
-
 def scratchgpt(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "scratchgpt"), *args], capture_output=True, text=True, timeout=timeout,
                           env=cli_env(), cwd=cwd)
-
-
-def write_yaml(path: Path, overrides: list[str]) -> Path:
-    tree: dict = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def slurm_keys(cluster, nodes: int) -> list[str]:
