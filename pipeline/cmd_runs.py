@@ -1,6 +1,8 @@
 """`scratchgpt runs`: the table of runs in an experiment, `--compare` with a loss-curve PNG, `--lineage`.
 
-The logic is in pipeline.runs; mlflow and matplotlib load only when the command runs.
+The logic is in pipeline.runs_store (finding and searching the store), runs_table, runs_compare
+and runs_lineage; they are imported inside the functions below, so mlflow and matplotlib load only
+when the command runs.
 """
 
 from __future__ import annotations
@@ -47,39 +49,41 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from pipeline import runs
+    from pipeline.runs_store import RunsError, open_store, resolve_tracking_uri, search, stages_in
+    from pipeline.runs_table import format_runs, runs_csv
 
     if args.compare is not None and args.lineage is not None:
-        raise runs.RunsError("--compare and --lineage are separate views: give one of them")
+        raise RunsError("--compare and --lineage are separate views: give one of them")
     if args.limit < 1:
-        raise runs.RunsError(f"--limit must be at least 1, got {args.limit}")
+        raise RunsError(f"--limit must be at least 1, got {args.limit}")
     if args.lineage is not None:
         return _lineage(args)
-    uri, experiment = runs.resolve_tracking_uri(args.config, args.overrides, args.tracking_uri)
+    uri, experiment = resolve_tracking_uri(args.config, args.overrides, args.tracking_uri)
     if args.compare is not None:
         # Run ids are unique across a store, so --compare looks in every experiment.
-        store = runs.open_store(uri, None)
+        store = open_store(uri, None)
         return _compare(args, store)
-    store = runs.open_store(uri, args.experiment or experiment)
-    found, more = runs.search(store, args.stage, args.filter, args.sort, args.limit)
+    store = open_store(uri, args.experiment or experiment)
+    found, more = search(store, args.stage, args.filter, args.sort, args.limit)
     if args.csv:
-        sys.stdout.write(runs.runs_csv(found, store.experiment_names))
+        sys.stdout.write(runs_csv(found, store.experiment_names))
     else:
-        print(runs.format_runs(found, more, args.limit))
+        print(format_runs(found, more, args.limit))
         if not found and args.stage:
-            print(f"(stages with runs here: {', '.join(runs.stages_in(store)) or 'none'})")
+            print(f"(stages with runs here: {', '.join(stages_in(store)) or 'none'})")
     return 0
 
 
 def _compare(args: argparse.Namespace, store: object) -> int:
-    from pipeline import runs
+    from pipeline.runs_compare import compare, plot_curves
+    from pipeline.runs_store import RunsError, find_run
 
     if len(args.compare) < 2:
-        raise runs.RunsError("--compare needs at least two runs")
-    chosen = [runs.find_run(store, ref) for ref in args.compare]
-    comparison = runs.compare(chosen)
+        raise RunsError("--compare needs at least two runs")
+    chosen = [find_run(store, ref) for ref in args.compare]
+    comparison = compare(chosen)
     print(comparison.text)
-    path, notes = runs.plot_curves(store, comparison, args.out or Path("runs_compare.png"), args.metric)
+    path, notes = plot_curves(store, comparison, args.out or Path("runs_compare.png"), args.metric)
     for note in notes:
         print(f"note: {note}")
     print(f"\nLoss curves written to {path.resolve()}")
@@ -90,12 +94,13 @@ def _lineage(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from pipeline import runs
+    from pipeline.runs_lineage import format_lineage, lineage
+    from pipeline.runs_store import open_store, resolve_tracking_uri
 
     store = None
     if args.tracking_uri or args.config is not None or os.environ.get("MLFLOW_TRACKING_URI"):
-        uri, _ = runs.resolve_tracking_uri(args.config, args.overrides, args.tracking_uri)
-        store = runs.open_store(uri, None)
-    found = runs.lineage(args.lineage, store)
-    print(json.dumps(found.to_dict(), indent=2, default=str) if args.json else runs.format_lineage(found))
+        uri, _ = resolve_tracking_uri(args.config, args.overrides, args.tracking_uri)
+        store = open_store(uri, None)
+    found = lineage(args.lineage, store)
+    print(json.dumps(found.to_dict(), indent=2, default=str) if args.json else format_lineage(found))
     return 0

@@ -327,14 +327,15 @@ def test_compare_errors(store: Built, capsys, tmp_path: Path) -> None:
 
 
 def test_plot_x_axis_is_tokens_seen_or_steps(store: Built, tmp_path: Path) -> None:
-    from pipeline import runs
+    from pipeline.runs_compare import compare, plot_curves, tokens_per_step
+    from pipeline.runs_store import open_store
 
-    st = runs.open_store(store.uri, None)
+    st = open_store(store.uri, None)
     chosen = [st.client.get_run(r) for r in store.pretrain[:2]]
-    assert [runs.tokens_per_step(r) for r in chosen] == [TOKENS_PER_STEP] * 2
+    assert [tokens_per_step(r) for r in chosen] == [TOKENS_PER_STEP] * 2
     finetune = st.client.get_run(store.finetune_task)
-    assert runs.tokens_per_step(finetune) is None
-    path, notes = runs.plot_curves(st, runs.compare([chosen[0], finetune]), tmp_path / "mixed.png")
+    assert tokens_per_step(finetune) is None
+    path, notes = plot_curves(st, compare([chosen[0], finetune]), tmp_path / "mixed.png")
     assert any("x axis is the optimizer step" in n and store.finetune_task[:8] in n for n in notes)
     assert any(f"no val_bpb history in {store.finetune_task[:8]}" in n for n in notes)
     assert path.is_file()
