@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_model", "pipeline.cmd_train", "pipeline.cmd_finetune",
+COMMAND_MODULES: list[str] = ["pipeline.cmd_generate", "pipeline.cmd_export", "pipeline.cmd_predict",
                               "pipeline.cmd_slurm", "pipeline.cmd_runs"]
 
 

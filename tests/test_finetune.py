@@ -180,7 +180,7 @@ def test_predict_cuts_long_texts_on_the_side_the_task_used(finetuned: tuple[Path
 
     from tokenizers import Tokenizer
 
-    from pipeline.cmd_finetune import predict
+    from pipeline.cmd_predict import predict
     from training.classifier import LABELS_FILE
 
     source, _ = finetuned
