@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
-from pipeline.slurm_submit import plan, render, snapshot_text, status
+from pipeline.slurm_render import render, snapshot_text
+from pipeline.slurm_submit import plan, status
 
 ROOT = Path(__file__).resolve().parents[1]
 

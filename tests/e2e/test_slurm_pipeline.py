@@ -58,7 +58,8 @@ def job_log(workdir: Path, stage: str, job_id: str) -> Path:
 
 def submit_pretrain(cluster, workdir: Path, config: Path) -> str:
     """The pretrain stage's own batch script, rendered from the config, through sbatch."""
-    from pipeline.slurm_submit import prepare, render
+    from pipeline.slurm_render import render
+    from pipeline.slurm_submit import prepare
 
     cfg = load_config(config)
     prepare(cfg)
