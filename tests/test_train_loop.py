@@ -80,6 +80,36 @@ def test_export_from_zero3_checkpoint_matches_transformers_and_the_engine(base: 
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+def test_time_budget_anneals_the_rate_and_counts_across_resumes(base: Path, tmp_path: Path) -> None:
+    budget_s = 4.0
+    cfg = tiny_config(workdir_from(base, tmp_path, "budget"), "train.max_steps=1000000",
+                      f"train.max_minutes={budget_s / 60}", "train.eval_every=1000000",
+                      "train.checkpoint_every=1000000", "train.log_every=1000000")
+    first = build(cfg).trainer
+
+    def sigterm_past_60_percent(step: int) -> None:
+        if first.budget_used_s > 0.6 * budget_s and not stopping:
+            stopping.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopping: list[int] = []
+    first.on_step = sigterm_past_60_percent
+    part = first.run()
+    assert part.reason == "signal"
+    rate_at_stop = first.eng.optimizer.param_groups[0]["lr"]
+    # Far from max_steps, so only the budget can have lowered the rate this much below its peak.
+    assert rate_at_stop < cfg.train.min_lr + 0.6 * (cfg.train.lr - cfg.train.min_lr)
+
+    second = build(cfg).trainer
+    second.resume()
+    assert second.budget_used_s == pytest.approx(first.budget_used_s)  # carried in the checkpoint
+    rest = second.run()
+    assert rest.reason == "max_minutes"
+    assert rest.train_seconds < 0.7 * budget_s  # only the rest of the budget, not a fresh one
+    final_rate = second.eng.optimizer.param_groups[0]["lr"]
+    assert final_rate < cfg.train.min_lr + 0.1 * (cfg.train.lr - cfg.train.min_lr)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(base: Path, tmp_path: Path) -> None:
     cfg = tiny_config(workdir_from(base, tmp_path, "nan"), "train.lr=1.0e+30", "train.warmup_steps=0",
                       "train.grad_clip=0", "train.max_steps=50", "train.checkpoint_every=1000")

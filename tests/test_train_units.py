@@ -61,6 +61,15 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     assert lr_at(0, 1.0, 0.1, 0, 100) == pytest.approx(1.0)
 
 
+def test_schedule_under_a_time_budget_decays_with_whichever_end_is_nearer() -> None:
+    # Step 20 of 1,000 is early, but with half the wall-clock budget spent the decay is half done.
+    assert lr_at(20, 1.0, 0.1, 10, 1000, budget_spent=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(20, 1.0, 0.1, 10, 1000, budget_spent=1.0) == pytest.approx(0.1)
+    # The step count nearer its end wins; warm-up is left alone.
+    assert lr_at(505, 1.0, 0.1, 10, 1000, budget_spent=0.1) == lr_at(505, 1.0, 0.1, 10, 1000)
+    assert lr_at(4, 1.0, 0.1, 10, 1000, budget_spent=0.9) == pytest.approx(0.5)
+
+
 def test_out_of_memory_batch_is_named_before_allocation() -> None:
     train = TrainConfig(micro_batch_size=4096)
     estimate = estimate_memory(10_000_000, 12, 768, 12, 50257, 1024, train, "fp32", 1)

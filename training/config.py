@@ -44,7 +44,9 @@ class TrainConfig(Section):
     min_lr: float = Field(3.0e-4, ge=0, description="Floor of the cosine schedule.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
     max_steps: int = Field(2000, ge=1, description="Optimizer steps; the cosine schedule ends here.")
-    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; stops with a checkpoint.")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget of training, counted across resumes; stops with a checkpoint. "
+        "The cosine decay ends with it when it comes before max_steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not biases or norms).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off.")

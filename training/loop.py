@@ -84,6 +84,7 @@ class Trainer:
     on_step: Callable[[int], None] | None = None  # after each step: tests use it to send signals at a given step
     progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
     step: int = 0
+    budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
 
     # ------------------------------------------------------------ resume
 
@@ -94,13 +95,14 @@ class Trainer:
             return None
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
         self.step = int(state["step"])
+        self.budget_used_s = float(state.get("budget_used_s", 0.0))  # absent in checkpoints of older versions
         self.loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         return tag
 
     def save(self, loader_state: dict[str, Any] | None = None) -> str:
         client = {"step": self.step, "loader": loader_state or self.loader.state_dict(),
-                  "rng": checkpoint.rng_state()}
+                  "rng": checkpoint.rng_state(), "budget_used_s": self.budget_used_s}
         return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, self.meta)
 
     # ------------------------------------------------------------ one step
@@ -115,8 +117,12 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
-    def _train_step(self, stop_local: Callable[[], bool]) -> tuple[float, bool]:
-        """One optimizer step. Returns the mean loss over all ranks and micro-batches, and the agreed stop flag."""
+    def _train_step(self, stop_local: Callable[[], bool], clock: Callable[[], float]) -> tuple[float, bool]:
+        """One optimizer step. Returns the mean loss over all ranks and micro-batches, and the agreed stop flag.
+
+        `clock` gives this rank's budget seconds used; their mean over ranks becomes `budget_used_s`, so
+        every rank computes the same learning rate from it.
+        """
         engine = self.eng.engine
         device = self.eng.dist.device
         world = self.eng.dist.world_size
@@ -129,7 +135,8 @@ class Trainer:
             _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             last = micro == accum - 1
             flag = 1.0 if last and stop_local() else 0.0
-            loss_sum, stop_votes = self._all_reduce([loss.item(), flag])
+            loss_sum, stop_votes, used_sum = self._all_reduce([loss.item(), flag, clock()])
+            self.budget_used_s = used_sum / world
             if not math.isfinite(loss_sum):
                 self._nonfinite(loss_sum / world, loader_before)
             engine.backward(loss)
@@ -181,14 +188,15 @@ class Trainer:
         world = self.eng.dist.world_size
         tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * self.block_size
         budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        started = time.perf_counter()
+        started = time.perf_counter() - self.budget_used_s  # the budget counts across resumes
         train_time = 0.0
         steps_timed = 0
         result = LoopResult(step=self.step, reason="max_steps", checkpoint=None)
         last_saved: str | None = None
         with StopRequest() as stop_request:
             while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+                lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps,
+                           budget_spent=self.budget_used_s / budget_s)
                 self.eng.set_lr(lr)
                 t0 = time.perf_counter()
                 over_budget = time.perf_counter() - started >= budget_s
@@ -196,7 +204,7 @@ class Trainer:
                 def stop_local(over: bool = over_budget) -> bool:
                     return over or stop_request.signal is not None
 
-                loss, stop = self._train_step(stop_local)
+                loss, stop = self._train_step(stop_local, clock=lambda: time.perf_counter() - started)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 train_time += dt
