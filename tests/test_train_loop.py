@@ -149,6 +149,15 @@ def test_no_shards_is_a_clear_error(tmp_path: Path) -> None:
         build(tiny_config(tmp_path / "empty"))
 
 
+def test_no_tokenizer_is_a_clear_error(base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    workdir = workdir_from(base, tmp_path, "no-tokenizer")
+    shutil.rmtree(workdir / "tokenizer")
+    with pytest.raises(ConfigError, match="no tokenizer in .*run `scratchgpt tokenizer CONFIG` first"):
+        build(tiny_config(workdir))
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_other_zero_stages_train_and_export(base: Path, tmp_path: Path, stage: int) -> None:
     from transformers import GPT2LMHeadModel

@@ -43,7 +43,8 @@ class TrainConfig(Section):
     lr: float = Field(3.0e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(3.0e-4, ge=0, description="Floor of the cosine schedule.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
-    max_steps: int = Field(2000, ge=1, description="Optimizer steps; the cosine schedule ends here.")
+    max_steps: int = Field(
+        2000, ge=1, description="Optimizer steps; the cosine schedule ends here (or at max_minutes).")
     max_minutes: float | None = Field(
         None, gt=0, description="Wall-clock budget of training, counted across resumes; stops with a checkpoint. "
         "The cosine decay ends with it when it comes before max_steps.")

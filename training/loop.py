@@ -2,7 +2,7 @@
 
 Per optimizer step: `grad_accum` micro-batches of `engine(x, y)`, `engine.backward`,
 `engine.step` (DeepSpeed applies the update, with clipping, on the last one).
-Around it: the learning rate from the step, evaluation, checkpoints, the stop
+Around it: the learning rate from the step (and the share of max_minutes spent), evaluation, checkpoints, the stop
 conditions (max_steps, the max_minutes budget, SIGTERM/SIGUSR1) and the NaN guard.
 All ranks take every decision together: the stop flags ride on the same
 all-reduce as the loss, so no rank is left waiting in a collective.
@@ -64,7 +64,7 @@ class LoopResult:
     tokens_per_sec: float = 0.0
     train_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # train loss of each step this process ran
-    evals: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)  # "seconds": since the budget began (across resumes)
 
 
 @dataclass
@@ -219,6 +219,8 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or done or stop:
                     result.val = self._eval_and_sample()
                     result.evals.append({"step": self.step, "seconds": time.perf_counter() - started, **result.val})
+                if stop:  # all ranks are here together: count the evaluation above in the saved budget too
+                    self.budget_used_s = self._all_reduce([time.perf_counter() - started])[0] / world
                 if self.step % cfg.checkpoint_every == 0 or done or stop:
                     last_saved = self.save()
                 if stop:
