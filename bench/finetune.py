@@ -72,6 +72,8 @@ def main() -> int:
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary LM loss in fine-tuning")
+    parser.add_argument("--finetune-precision", choices=["auto", "bf16", "fp32"], default=None,
+                        help="fine-tuning engine precision (default: as pretraining)")
     parser.add_argument("--with-web", action="store_true", help="add the shared news and web pages to the corpus")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     parser.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="config overrides (model, train, ...)")
@@ -83,7 +85,8 @@ def main() -> int:
     task = {"name": "sst2", "kind": "classification", "train": str(SST2 / "train.tsv"),
             "eval": str(SST2 / "dev.tsv"), "text_key": "sentence", "eval_text_key": "content",
             "label_key": "label", "max_steps": args.finetune_steps, "micro_batch_size": 32, "lr": args.finetune_lr,
-            "eval_every": max(25, args.finetune_steps // 8), "patience": 4, "lm_loss_weight": args.lm_loss_weight}
+            "eval_every": max(25, args.finetune_steps // 8), "patience": 4, "lm_loss_weight": args.lm_loss_weight,
+            "precision": args.finetune_precision}
     overrides = [
         f"workdir={args.workdir}",
         f"data.inputs={json.dumps([str(corpus)] + ([str(SHARED / w) for w in WEB] if args.with_web else []))}",

@@ -130,3 +130,15 @@ def test_unknown_builtin_task_file_is_named(tmp_path: Path) -> None:
     task = '{name: t, train: "builtin:nope/train", eval: "builtin:python-docs-kind/eval"}'
     with pytest.raises(ConfigError, match=r"finetune\.tasks\.0\.train.*builtin:nope/train"):
         load_config(None, [f"finetune.tasks=[{task}]"])
+
+
+def test_task_engine_settings_take_the_task_precision_else_pretraining_s() -> None:
+    from training.config import TrainConfig
+    from training.finetune import task_train_config
+
+    base = TrainConfig(precision="bf16", max_minutes=5)
+    task = TaskConfig(name="t", train="a.tsv", eval="b.tsv", lr=1e-3, max_steps=40)
+    inherited = task_train_config(base, task)
+    assert inherited.precision == "bf16" and inherited.lr == 1e-3 and inherited.max_steps == 40
+    assert inherited.max_minutes is None  # a task is bounded by its steps, not pretraining's budget
+    assert task_train_config(base, task.model_copy(update={"precision": "fp32"})).precision == "fp32"

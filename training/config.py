@@ -92,6 +92,8 @@ class TaskConfig(Section):
     eval_every: int = Field(100, ge=1, description="Steps between evaluations.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping early.")
     from_scratch: bool = Field(False, description="Train this task from random weights.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] | None = Field(
+        None, description="Precision of this task's engine (null: train.precision).")
 
 
 class FinetuneConfig(Section):

@@ -89,6 +89,7 @@ def task_train_config(base: TrainConfig, task: TaskConfig) -> TrainConfig:
     return base.model_copy(update={
         "lr": task.lr, "min_lr": task.lr / 10, "micro_batch_size": task.micro_batch_size, "grad_accum": 1,
         "max_steps": task.max_steps, "warmup_steps": max(1, task.max_steps // 20), "max_minutes": None,
+        "precision": task.precision or base.precision,
     })
 
 
