@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def main() -> int:
     parser.add_argument("--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary LM loss in fine-tuning")
     parser.add_argument("--finetune-precision", choices=["auto", "bf16", "fp32"], default=None,
                         help="fine-tuning engine precision (default: as pretraining)")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tune each arm this many times (seeds 1337, ...)")
     parser.add_argument("--with-web", action="store_true", help="add the shared news and web pages to the corpus")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     parser.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="config overrides (model, train, ...)")
@@ -111,25 +113,36 @@ def main() -> int:
         emit(figure=f"{stage}_summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
     emit(figure="pretrain_wall_s", value=round(time.time() - started, 1))
 
-    results = {}
-    for scratch in (False, True):
-        run_cfg = load_config(None, [*overrides, f"finetune.from_scratch={str(scratch).lower()}"])
-        t0 = time.time()
-        summary = run_stage(run_cfg, "finetune", force=True)["sst2"]
-        name = "from_scratch" if scratch else "pretrained"
-        results[name] = summary["eval_accuracy"]
-        # The stage keeps the best evaluation (early stopping on dev, as for both arms alike); the last one
-        # is printed beside it, so a lucky evaluation cannot pass unnoticed.
-        history = json.loads((task_dir(run_cfg, run_cfg.finetune.tasks[0], scratch) / "metrics.json").read_text())
-        emit(figure=f"sst2_dev_accuracy_{name}", value=round(summary["eval_accuracy"], 4),
-             last_eval=round(history["history"][-1]["eval_accuracy"], 4),
-             curve=[round(h["eval_accuracy"], 4) for h in history["history"]],
-             steps=summary["steps"], seconds=round(time.time() - t0, 1))
-    results["tfidf"] = tfidf_baseline()
-    emit(figure="sst2_dev_accuracy_tfidf_logreg", value=round(results["tfidf"], 4), reference=0.819)
-    gain = results["pretrained"] - results["from_scratch"]
-    emit(figure="pretrained_minus_scratch_points", value=round(100 * gain, 1), target=">= 2")
-    emit(figure="pretrained_minus_tfidf_points", value=round(100 * (results["pretrained"] - results["tfidf"]), 1))
+    results: dict[str, list[float]] = {"pretrained": [], "from_scratch": []}
+    last: dict[str, list[float]] = {"pretrained": [], "from_scratch": []}
+    for seed in range(1337, 1337 + args.seeds):  # each seed: a new head and batch order, in both arms alike
+        for scratch in (False, True):
+            run_task = {**task, "seed": seed}
+            run_cfg = load_config(None, [*overrides, f"finetune.tasks=[{json.dumps(run_task)}]",
+                                         f"finetune.from_scratch={str(scratch).lower()}"])
+            t0 = time.time()
+            summary = run_stage(run_cfg, "finetune", force=True)["sst2"]
+            name = "from_scratch" if scratch else "pretrained"
+            # The stage keeps the best evaluation (early stopping on dev, as for both arms alike); the last one
+            # is printed beside it, so a lucky evaluation cannot pass unnoticed.
+            folder = task_dir(run_cfg, run_cfg.finetune.tasks[0], scratch)
+            history = json.loads((folder / "metrics.json").read_text())["history"]
+            results[name].append(summary["eval_accuracy"])
+            last[name].append(history[-1]["eval_accuracy"])
+            emit(figure=f"sst2_dev_accuracy_{name}", seed=seed, value=round(summary["eval_accuracy"], 4),
+                 last_eval=round(history[-1]["eval_accuracy"], 4),
+                 curve=[round(h["eval_accuracy"], 4) for h in history], steps=summary["steps"],
+                 seconds=round(time.time() - t0, 1))
+    mean = {name: statistics.fmean(values) for name, values in results.items()}
+    mean_last = {name: statistics.fmean(values) for name, values in last.items()}
+    for name in results:
+        emit(figure=f"sst2_dev_accuracy_{name}_mean", value=round(mean[name], 4), last_eval=round(mean_last[name], 4),
+             seeds=args.seeds, spread=round(max(results[name]) - min(results[name]), 4))
+    tfidf = tfidf_baseline()
+    emit(figure="sst2_dev_accuracy_tfidf_logreg", value=round(tfidf, 4), reference=0.819)
+    emit(figure="pretrained_minus_scratch_points", value=round(100 * (mean["pretrained"] - mean["from_scratch"]), 1),
+         last_eval=round(100 * (mean_last["pretrained"] - mean_last["from_scratch"]), 1), target=">= 2")
+    emit(figure="pretrained_minus_tfidf_points", value=round(100 * (mean["pretrained"] - tfidf), 1))
     return 0
 
 

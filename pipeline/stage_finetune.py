@@ -79,7 +79,8 @@ def finetune_task(cfg: Config, task: Any, dist: Any, log: Any) -> dict[str, Any]
     task = resolve_builtin_files(cfg, task)
     kind = task_kind(task.kind)()
     train_ex, eval_ex = kind.load(task)
-    torch.manual_seed(cfg.train.seed)
+    seed = cfg.train.seed if task.seed is None else task.seed
+    torch.manual_seed(seed)
     gpt, gpt_config = _base_model(cfg, init, scratch, tokenizer.get_vocab_size())
     block = gpt_config.block_size
     labels = None
@@ -95,7 +96,7 @@ def finetune_task(cfg: Config, task: Any, dist: Any, log: Any) -> dict[str, Any]
         model = gpt
     eng = build_engine(model, task_train_config(cfg.train, task), dist)
     result = Finetuner(model, eng, task, train, evaluation, pad_id=eot, objective=kind.objective,
-                       seed=cfg.train.seed, n_classes=len(labels.labels) if labels else 0, log=log).run()
+                       seed=seed, n_classes=len(labels.labels) if labels else 0, log=log).run()
     out = task_dir(cfg, task, scratch)
     summary = {**result.metrics, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                "from_scratch": scratch}

@@ -210,3 +210,18 @@ def test_predict_refuses_a_folder_that_is_not_a_classifier(tmp_path: Path, pretr
     (tmp_path / "t.txt").write_text("fine\n")
     assert main(["predict", "--model", str(pretrained / "export"), "--file", str(tmp_path / "t.txt")]) == 2
     assert "not a fine-tuned classifier export" in capsys.readouterr().err
+
+
+def test_task_seed_sets_the_head_and_batch_order(tmp_path: Path, pretrained: Path) -> None:
+    def head_after(seed: int | None, run: str) -> torch.Tensor:
+        (tmp_path / run).mkdir()
+        cfg = _config(tmp_path / run, pretrained, steps=2)
+        if seed is not None:
+            cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"seed": seed})
+        run_finetune(cfg)
+        model, _, _ = load_classifier(tmp_path / run / "work" / "finetune" / "sst2" / "export")
+        return model.score.weight.detach()
+
+    default = head_after(None, "default")
+    assert torch.equal(head_after(1337, "same"), default)  # train.seed's default: the same run again
+    assert not torch.equal(head_after(7, "other"), default)

@@ -94,6 +94,8 @@ class TaskConfig(Section):
     from_scratch: bool = Field(False, description="Train this task from random weights.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] | None = Field(
         None, description="Precision of this task's engine (null: train.precision).")
+    seed: int | None = Field(None, description="Seed of the head's initial weights and the batch order (null: "
+                             "train.seed); vary it to see how much a result owes to chance.")
 
 
 class FinetuneConfig(Section):
