@@ -27,7 +27,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
         print("Every stage is complete for this config; nothing to do (pass --force to redo).")
         return dict.fromkeys(STAGES)
     results: dict[str, Any] = {}
-    with stage_run(cfg, "pipeline", sections=tuple(Config.model_fields) , tags={"stages": ",".join(pending)}) as run:
+    with stage_run(cfg, "pipeline", sections=tuple(Config.model_fields), tags={"stages": ",".join(pending)}) as run:
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id  # stage runs (and their subprocesses) nest under this one
         try:

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,15 +133,22 @@ def test_unreadable_checkpoint_file_names_the_file(tmp_path: Path) -> None:
         checkpoint.full_state_dict(tmp_path)
 
 
+def mlflow_run(tmp_path: Path) -> tuple[Any, str, str]:
+    """(client, store uri, run id) of a fresh run in a real sqlite MLflow store under tmp_path."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    return client, uri, client.create_run(exp).info.run_id
+
+
 def test_metrics_are_batched_to_a_real_mlflow_store_off_the_hot_path(tmp_path: Path) -> None:
     import mlflow
 
     from training.metrics_logger import MetricsLogger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    run_id = client.create_run(exp).info.run_id
+    client, uri, run_id = mlflow_run(tmp_path)
     logger = MetricsLogger(run_id, uri, flush_every_s=0.2)
     steps = 2000
     start = time.perf_counter()
@@ -163,14 +171,9 @@ def test_metrics_are_batched_to_a_real_mlflow_store_off_the_hot_path(tmp_path: P
 
 def test_tracking_costs_under_two_percent_of_training_time(tmp_path: Path) -> None:
     """The loop's logging pattern (6 metrics every 10 steps) over steps of 20 ms, against a real sqlite store."""
-    import mlflow
-
     from training.metrics_logger import MetricsLogger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    run_id = client.create_run(exp).info.run_id
+    client, uri, run_id = mlflow_run(tmp_path)
     logger = MetricsLogger(run_id, uri, flush_every_s=1.0)
     started = time.perf_counter()
     for step in range(1, 151):

@@ -108,7 +108,7 @@ def load_classifier(folder: str | Path) -> tuple[GPTClassifier, list[str], int]:
     for path in (labels_path, folder / CONFIG_FILE, folder / WEIGHTS_FILE):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {folder} is not a fine-tuned classifier export")
-    info: dict[str, Any] = json.loads(labels_path.read_text())
+    info = read_labels(folder)
     config = _config_from_hf(json.loads((folder / CONFIG_FILE).read_text()), folder / CONFIG_FILE)
     weights = load_file(str(folder / WEIGHTS_FILE))
     score = weights.pop("score.weight", None)

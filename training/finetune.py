@@ -84,11 +84,16 @@ def batch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def task_schedule(task: TaskConfig) -> dict[str, Any]:
+    """The task's learning-rate schedule, as training.schedule.lr_at takes it: 5% warm-up, decay to lr/10."""
+    return {"lr": task.lr, "min_lr": task.lr / 10, "warmup_steps": max(1, task.max_steps // 20),
+            "max_steps": task.max_steps}
+
+
 def task_train_config(base: TrainConfig, task: TaskConfig) -> TrainConfig:
     """The pretraining engine settings with the task's own lr, batch and length."""
     return base.model_copy(update={
-        "lr": task.lr, "min_lr": task.lr / 10, "micro_batch_size": task.micro_batch_size, "grad_accum": 1,
-        "max_steps": task.max_steps, "warmup_steps": max(1, task.max_steps // 20), "max_minutes": None,
+        **task_schedule(task), "micro_batch_size": task.micro_batch_size, "grad_accum": 1, "max_minutes": None,
         "precision": task.precision or base.precision,
     })
 
@@ -177,8 +182,7 @@ class Finetuner:
         history: list[dict[str, float]] = []
         started, step = time.time(), 0
         for step in range(1, self.task.max_steps + 1):
-            self.eng.set_lr(lr_at(step - 1, self.task.lr, self.task.lr / 10, max(1, self.task.max_steps // 20),
-                                  self.task.max_steps))
+            self.eng.set_lr(lr_at(step - 1, **task_schedule(self.task)))
             rows, targets = next(batches)
             _, loss = self._forward(rows, targets, self.task.lm_loss_weight)
             engine.backward(loss)
