@@ -23,13 +23,15 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
+from dataprep.errors import ScratchgptError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSIONS = (".gz", ".zst")
 CHUNK = 1 << 20
 IN_CHUNK = 1 << 16  # compressed bytes per step: a truncation loses at most the lines after it
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(ScratchgptError, ValueError):
     """A malformed input record in strict mode; the message is `file:line: reason`."""
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from dataprep.errors import ScratchgptError
+
 FORMAT = "scratchgpt-tokens"
 VERSION = 1
 COLUMN = "input_ids"
@@ -33,7 +35,7 @@ SPLITS = ("train", "val")
 META_KEYS = ("format", "version", "tokenizer_sha256", "vocab_size", "eot_id", "dtype")
 
 
-class ShardError(ValueError):
+class ShardError(ScratchgptError, ValueError):
     """Shards that cannot be used as they are; the message names the file and what is wrong."""
 
 

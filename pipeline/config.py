@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
+from dataprep.errors import ScratchgptError
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -24,7 +25,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_TASK_FILES = ("builtin:python-docs-kind/train", "builtin:python-docs-kind/eval")
 
 
-class ConfigError(ValueError):
+class ConfigError(ScratchgptError, ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from dataprep.errors import ScratchgptError
+
 if TYPE_CHECKING:
     from pipeline.config import Config
 
@@ -44,7 +46,7 @@ PORT_SPAN = 10000
 DEFAULT_PORT = 29500  # torchrun's default, for a single process
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ScratchgptError, RuntimeError):
     """The environment does not describe a usable distributed run; the message names the variables."""
 
 

@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dataprep.errors import ScratchgptError
+
 META = "scratchgpt.json"
 LATEST = "latest"
 KEEP_LAST = 2  # complete checkpoints kept on disk; older ones are removed after a newer one is whole
@@ -34,7 +36,7 @@ CLIENT_KEY = "scratchgpt"  # our part of DeepSpeed's client_state
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "position")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ScratchgptError, RuntimeError):
     """A checkpoint that is missing, half-written, corrupt, or does not fit the configured model."""
 
 

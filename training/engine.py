@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dataprep.errors import ScratchgptError
 from training.config import TrainConfig
 
 
-class EngineError(ValueError):
+class EngineError(ScratchgptError, ValueError):
     """A training set-up that cannot work; the message says which key to change."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataprep.errors import ScratchgptError
 from training import checkpoint
 from training.config import TrainConfig
 from training.engine import Engine
@@ -27,7 +28,7 @@ from training.schedule import lr_at
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(ScratchgptError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the checkpoint of the last good state."""
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataprep.errors import ScratchgptError
 
-class TaskDataError(ValueError):
+
+class TaskDataError(ScratchgptError, ValueError):
     """A task file that cannot be used; the message names the file, line or column."""
 
 
