@@ -43,7 +43,7 @@ from dataprep.filters import FILTER_ORDER, OfflineLanguageFilter, filter_steps, 
 from dataprep.normalize import normalize_steps  # noqa: E402
 from dataprep.readers import InputReader, TaskFileReader  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.stage_prep import run_prep  # noqa: E402
+from pipeline.stages.prep import run_prep  # noqa: E402
 
 WEB = Path(__file__).resolve().parents[2] / "shared" / "data" / "web"
 JSON_INPUTS = ["cleaneval_dev.jsonl", "cleanportaleval.jsonl", "l3s_gn1_googlenews.jsonl", "c4/*.json.gz",

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.stage_finetune import task_dir  # noqa: E402
+from pipeline.stages.finetune import task_dir  # noqa: E402
 from training.tasks import read_classification  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

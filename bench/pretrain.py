@@ -117,7 +117,7 @@ def plain_loop(setup: Any) -> Any:
 
 
 def throughput(cfg: Any, steps: int, rounds: int) -> None:
-    from pipeline.stage_pretrain import build
+    from pipeline.stages.pretrain import build
 
     setup = build(cfg)
     trainer = setup.trainer
@@ -157,8 +157,8 @@ def quality(cfg: Any, budget_s: float) -> None:
     started = time.perf_counter()
     import mlflow
 
-    from pipeline.stage_pretrain import build
-    from pipeline.tracking import setup_experiment, tracking_uri
+    from pipeline.core.tracking import setup_experiment, tracking_uri
+    from pipeline.stages.pretrain import build
     from training.metrics_logger import MetricsLogger
 
     setup = build(cfg)

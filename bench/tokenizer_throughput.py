@@ -76,9 +76,9 @@ def run_stage(clean: Path, tok_dir: Path, out: Path, logs: Path, tasks: int, wor
 
     from dataprep.shard_step import TokenShardWriter
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.executors import run_local
-    from pipeline.stage_shard import SubStage, merge_parts
-    from pipeline.stage_tokenizer import PREP_GLOB
+    from pipeline.core.executors import run_local
+    from pipeline.stages.shard import SubStage, merge_parts
+    from pipeline.stages.tokenizer import PREP_GLOB
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(logs, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.stages import STAGES, is_complete, start_clean, write_marker
+from pipeline.core.stages import STAGES, is_complete, start_clean, write_marker
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -64,11 +64,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.executor == "slurm":  # the same chain, as Slurm jobs (scratchgpt submit)
-        from pipeline.slurm_submit import submit
+        from pipeline.slurm.submit import submit
 
         submit(cfg)
         return 0
-    from pipeline.run_all import closing_report, run_pipeline
+    from pipeline.commands.run import closing_report, run_pipeline
 
     run_pipeline(cfg, force=args.force)
     print(closing_report(cfg))
@@ -77,8 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands with `add_commands(subparsers)`. They must
 # import lightly at module level (torch, deepspeed and datatrove inside functions).
-COMMAND_MODULES: list[str] = ["pipeline.cmd_generate", "pipeline.cmd_export", "pipeline.cmd_predict",
-                              "pipeline.cmd_slurm", "pipeline.cmd_runs"]
+COMMAND_MODULES: list[str] = ["pipeline.commands.generate", "pipeline.commands.export", "pipeline.commands.predict",
+                              "pipeline.commands.slurm", "pipeline.commands.runs"]
 
 
 def build_parser() -> argparse.ArgumentParser:

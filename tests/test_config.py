@@ -81,7 +81,7 @@ def test_missing_finetune_file_is_named(tmp_path: Path) -> None:
 
 def test_a_second_workdir_in_one_process_gets_its_own_store(tmp_path: Path, monkeypatch) -> None:
     """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; that must not send the next config's runs there."""
-    from pipeline.tracking import tracking_uri, use_tracking
+    from pipeline.core.tracking import tracking_uri, use_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = load_config(None, [f"workdir={tmp_path / 'a'}"])

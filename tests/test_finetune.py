@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.stage_finetune import run_finetune
+from pipeline.stages.finetune import run_finetune
 from training.classifier import load_classifier
 from training.tasks import read_classification
 
@@ -180,7 +180,7 @@ def test_predict_cuts_long_texts_on_the_side_the_task_used(finetuned: tuple[Path
 
     from tokenizers import Tokenizer
 
-    from pipeline.cmd_predict import predict
+    from pipeline.commands.predict import predict
     from training.classifier import LABELS_FILE
 
     source, _ = finetuned

@@ -1,4 +1,4 @@
-"""pipeline.launch: ranks and rendezvous from torchrun's or Slurm's variables (no cluster needed)."""
+"""training.launch: ranks and rendezvous from torchrun's or Slurm's variables (no cluster needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.launch import (
+from training.launch import (
     PORT_BASE,
     PORT_SPAN,
     DistEnv,
@@ -238,11 +238,11 @@ def test_cli_prints_the_environment_as_json() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(srun_env())
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.launch"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "training.launch"], env=env, capture_output=True, text=True, check=True
     ).stdout
     info = json.loads(out)
     assert (info["rank"], info["world_size"], info["launcher"]) == (3, 4, "slurm")
     bad = subprocess.run(
-        [sys.executable, "-m", "pipeline.launch"], env={**env, "SLURM_PROCID": "9"}, capture_output=True, text=True
+        [sys.executable, "-m", "training.launch"], env={**env, "SLURM_PROCID": "9"}, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "SLURM_PROCID=9" in bad.stderr

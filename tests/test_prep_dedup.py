@@ -11,7 +11,7 @@ import yaml
 from data_helpers import WEB, read_zst_jsonl
 
 from pipeline.config import load_config
-from pipeline.stage_prep import run_prep
+from pipeline.stages.prep import run_prep
 
 FILTERS_OFF = {k: False for k in ("length", "language", "gopher_repetition", "gopher_quality", "c4_quality",
                                   "fineweb_quality", "pii")}

@@ -1,7 +1,7 @@
 """`scratchgpt runs`: table, sorting, filtering, CSV, --compare (with its PNG) and --lineage, on a real MLflow store.
 
-The runs are made with the stages' own tracking code (pipeline.tracking.stage_run, the tags each stage sets),
-the workdir files with the stages' own writers (dataprep.shards manifest, pipeline.stages markers), in a
+The runs are made with the stages' own tracking code (pipeline.core.tracking.stage_run, the tags each stage sets),
+the workdir files with the stages' own writers (dataprep.shards manifest, pipeline.core.stages markers), in a
 sqlite store under tmp_path. `build_store` is shared with tests/test_runs_server.py, which serves the same
 runs over HTTP.
 """
@@ -58,11 +58,11 @@ def _val_bpb(final: float, step: int) -> float:
 
 
 def _pretrain_run(cfg: Config, manifest: str, tokenizer: str, final_bpb: float | None, fail: bool = False) -> str:
-    """A pretrain run tagged and logged as pipeline.stage_pretrain does (tags, params, metrics by step)."""
+    """A pretrain run tagged and logged as pipeline.stages.pretrain does (tags, params, metrics by step)."""
     import mlflow
     from mlflow.entities import Metric
 
-    from pipeline.tracking import stage_run, tracking_uri
+    from pipeline.core.tracking import stage_run, tracking_uri
 
     tags = {"config_hash": cfg.section_hash("model", "train"), "shard_manifest_sha256": manifest,
             "tokenizer_sha256": tokenizer}
@@ -94,8 +94,8 @@ def build_store(root: Path, uri: str) -> Built:
 
     from dataprep.shards import build_manifest, manifest_sha256, shard_metadata, write_manifest
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.stages import write_marker
-    from pipeline.tracking import stage_run
+    from pipeline.core.stages import write_marker
+    from pipeline.core.tracking import stage_run
 
     workdir = root / "work"
     raw = root / "raw" / "docs.jsonl"
@@ -327,8 +327,8 @@ def test_compare_errors(store: Built, capsys, tmp_path: Path) -> None:
 
 
 def test_plot_x_axis_is_tokens_seen_or_steps(store: Built, tmp_path: Path) -> None:
-    from pipeline.runs_compare import compare, plot_curves, tokens_per_step
-    from pipeline.runs_store import open_store
+    from pipeline.runs.compare import compare, plot_curves, tokens_per_step
+    from pipeline.runs.store import open_store
 
     st = open_store(store.uri, None)
     chosen = [st.client.get_run(r) for r in store.pretrain[:2]]

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
-from pipeline.slurm_render import render, snapshot_text
-from pipeline.slurm_submit import plan, status
+from pipeline.slurm.render import render, snapshot_text
+from pipeline.slurm.submit import plan, status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_pretrain_script_carries_the_config(inputs: Path) -> None:
     assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--ntasks-per-node=8 --cpus-per-task=6" in srun
-    assert srun.endswith(f"-m pipeline.slurm_submit task pretrain {work}/slurm/config.yaml")
+    assert srun.endswith(f"-m pipeline.slurm.submit task pretrain {work}/slurm/config.yaml")
     assert 'scontrol requeue "${SLURM_JOB_ID}"' in script.text
 
 
@@ -82,7 +82,7 @@ def test_datatrove_arrays_need_a_partition(inputs: Path) -> None:
 
 
 def test_snapshot_is_the_config_with_the_local_executor(inputs: Path) -> None:
-    from pipeline.stages import STAGES, stage_hash
+    from pipeline.core.stages import STAGES, stage_hash
 
     c = cfg(inputs, "executor=slurm", "train.lr=0.01")
     snap = inputs / "snap.yaml"
@@ -163,7 +163,7 @@ def test_the_setup_line_runs_as_written_and_stays_on_its_line(inputs: Path, setu
 
 
 def test_complete_stages_are_skipped(inputs: Path) -> None:
-    from pipeline.stages import write_marker
+    from pipeline.core.stages import write_marker
 
     c = cfg(inputs)
     write_marker(c, "prep", {}, 0.0)
@@ -210,8 +210,8 @@ def test_help_stays_light() -> None:
 
 def fake_submission(inputs: Path) -> Path:
     """A workdir as `scratchgpt submit` leaves it: the config snapshot and jobs.json, prep already complete."""
-    from pipeline.slurm_submit import prepare
-    from pipeline.stages import write_marker
+    from pipeline.core.stages import write_marker
+    from pipeline.slurm.submit import prepare
 
     c = cfg(inputs)
     base = prepare(c)

@@ -8,7 +8,7 @@ import pytest
 from test_shards_fixtures import web_documents, write_prep_output
 
 from pipeline.config import load_config
-from pipeline.stage_tokenizer import TrainingSample, run_tokenizer
+from pipeline.stages.tokenizer import TrainingSample, run_tokenizer
 
 
 @pytest.fixture(autouse=True)

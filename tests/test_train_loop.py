@@ -12,7 +12,7 @@ import torch
 from train_helpers import build_workdir, copy_inputs, tiny_config
 
 from pipeline.config import ConfigError
-from pipeline.stage_pretrain import build, export_checkpoint
+from pipeline.stages.pretrain import build, export_checkpoint
 from training import checkpoint
 from training.loop import NonFiniteLoss
 

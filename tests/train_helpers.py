@@ -44,8 +44,8 @@ def tiny_config(workdir: Path, *overrides: str) -> Config:
 
 def build_workdir(workdir: Path) -> Config:
     """A workdir with prep output, a trained tokenizer and token shards (the pretrain stage's inputs)."""
-    from pipeline.stage_shard import run_shard
-    from pipeline.stage_tokenizer import run_tokenizer
+    from pipeline.stages.shard import run_shard
+    from pipeline.stages.tokenizer import run_tokenizer
 
     cfg = tiny_config(workdir)
     write_prep_output(workdir)

@@ -48,7 +48,7 @@ def use_cuda() -> bool:
 def init_distributed() -> Dist:
     """Join (or create) the process group; ranks come from torchrun's variables, defaults make one process.
 
-    Slurm launches set the same variables first (pipeline.launch), so this stays launcher-agnostic.
+    Slurm launches set the same variables first (training.launch), so this stays launcher-agnostic.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)

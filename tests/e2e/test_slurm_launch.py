@@ -1,4 +1,4 @@
-"""Multi-node launch on the real Slurm test bed: sbatch -> srun -> pipeline.launch -> torch.distributed (gloo)."""
+"""Multi-node launch on the real Slurm test bed: sbatch -> srun -> training.launch -> torch.distributed (gloo)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ALLREDUCE = textwrap.dedent(
     import json, os, socket, sys
     import torch
     import torch.distributed as dist
-    from pipeline.launch import DistEnv
+    from training.launch import DistEnv
 
     env = DistEnv.from_environ(network_interface=sys.argv[1])
     env.init_process_group("gloo", timeout_s=60)
@@ -76,7 +76,7 @@ def test_two_node_allreduce_through_sbatch(slurm_cluster, tmp_path: Path) -> Non
 def test_master_resolves_through_slurm_where_names_do_not(slurm_cluster) -> None:
     # On this host the node names resolve nowhere (no DNS, /etc/hosts untouched): the address
     # must come from Slurm's NodeAddr, which is what the other nodes reach.
-    from pipeline.launch import resolve_master
+    from training.launch import resolve_master
 
     assert resolve_master(slurm_cluster.nodes[0], multi_node=True) == "10.77.0.11"
 
@@ -96,7 +96,7 @@ def test_ranks_of_two_tasks_per_node(slurm_cluster, tmp_path: Path) -> None:
     state, text = submit_and_wait(
         slurm_cluster,
         tmp_path,
-        f"srun --ntasks=4 --ntasks-per-node=2 --overcommit {slurm_cluster.python} -m pipeline.launch "
+        f"srun --ntasks=4 --ntasks-per-node=2 --overcommit {slurm_cluster.python} -m training.launch "
         f"--network-interface {slurm_cluster.node_interface}",
         "--nodes=2",
         "--ntasks-per-node=1",
@@ -118,7 +118,7 @@ def test_batch_script_without_srun_is_refused(slurm_cluster, tmp_path: Path) -> 
     # The batch script alone is one process of a 2-task job: starting training there would hang
     # forever waiting for rank 1. It must fail at once and say to use srun.
     state, text = submit_and_wait(
-        slurm_cluster, tmp_path, f"{slurm_cluster.python} -m pipeline.launch", "--nodes=2", "--ntasks-per-node=1"
+        slurm_cluster, tmp_path, f"{slurm_cluster.python} -m training.launch", "--nodes=2", "--ntasks-per-node=1"
     )
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", (state, text)
     assert "SLURM_NTASKS=2 but this process is the batch script" in text and "srun" in text, text

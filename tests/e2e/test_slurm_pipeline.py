@@ -58,8 +58,8 @@ def job_log(workdir: Path, stage: str, job_id: str) -> Path:
 
 def submit_pretrain(cluster, workdir: Path, config: Path) -> str:
     """The pretrain stage's own batch script, rendered from the config, through sbatch."""
-    from pipeline.slurm_render import render
-    from pipeline.slurm_submit import prepare
+    from pipeline.slurm.render import render
+    from pipeline.slurm.submit import prepare
 
     cfg = load_config(config)
     prepare(cfg)
@@ -275,7 +275,7 @@ def test_a_failing_stage_cancels_its_dependents_and_status_names_it(slurm_cluste
 
 
 def test_status_says_when_slurm_has_forgotten_a_job(slurm_cluster, tmp_path: Path) -> None:
-    from pipeline.slurm_submit import prepare
+    from pipeline.slurm.submit import prepare
 
     config = write_yaml(tmp_path / "c.yaml", [f"workdir={tmp_path / 'w'}", f"data.inputs=[{tmp_path / 'c.yaml'}]"])
     base = prepare(load_config(config))

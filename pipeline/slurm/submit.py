@@ -1,6 +1,6 @@
 """The pipeline as a chain of Slurm jobs: submit the rendered scripts, record the job ids, report status.
 
-`submit(cfg)` renders (pipeline.slurm_render) one batch script per stage that is not complete yet,
+`submit(cfg)` renders (pipeline.slurm.render) one batch script per stage that is not complete yet,
 keeps them in ``<workdir>/slurm/`` with the config snapshot the jobs run, submits them with ``afterok``
 dependencies (and ``--kill-on-invalid-dep=yes``, so a failed stage cancels its dependents instead
 of leaving them pending forever) and records the job ids in ``<workdir>/slurm/jobs.json``.
@@ -8,7 +8,7 @@ of leaving them pending forever) and records the job ids in ``<workdir>/slurm/jo
 uses the local executor: datatrove's local executor on the job's CPUs for data stages, ``srun``
 ranks for pretraining.
 
-``python -m pipeline.slurm_submit complete CONFIG STAGE`` exits 0 when the stage's completion marker
+``python -m pipeline.slurm.submit complete CONFIG STAGE`` exits 0 when the stage's completion marker
 matches the config: the pretraining script's test for "finished, or stopped to be requeued".
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.slurm_render import JOB_PREFIX, SNAPSHOT, JobScript, render, slurm_dir, snapshot_text
+from pipeline.slurm.render import JOB_PREFIX, SNAPSHOT, JobScript, render, slurm_dir, snapshot_text
 
 JOBS_FILE = "jobs.json"
 # Slurm job states after which a job runs no more (PENDING/RUNNING/REQUEUED/... are still on the way).
@@ -61,7 +61,7 @@ def _sbatch(script: Path, dependency: list[str]) -> str:
 def plan(cfg: Config) -> tuple[list[JobScript], list[str]]:
     """The scripts of the stages still to run, and the stages skipped as complete. Renders all before any submit,
     so a bad value fails before anything is queued."""
-    from pipeline.stages import STAGES, is_complete
+    from pipeline.core.stages import STAGES, is_complete
 
     scripts, skipped = [], []
     for name in STAGES:
@@ -113,7 +113,7 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
         listed = ", ".join(f"{stage} (job {state})" for stage, state in waiting.items())
         raise ConfigError(f"{sub.workdir} has jobs of an earlier submission still queued: {listed}; wait for them "
                           f"or scancel them before submitting again")
-    from pipeline.stages import start_clean
+    from pipeline.core.stages import start_clean
 
     for script in scripts:  # here, once, before any rank of a multi-process job could be reading them
         start_clean(cfg, script.stage)
@@ -224,7 +224,7 @@ def _describe(stage: str, entry: dict[str, str], state: dict[str, str] | None) -
 
 
 def status(workdir: Path) -> list[StageStatus]:
-    from pipeline.stages import STAGES, is_complete
+    from pipeline.core.stages import STAGES, is_complete
 
     workdir = Path(workdir)
     record = read_record(workdir)
@@ -264,7 +264,7 @@ def format_status(rows: list[StageStatus]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.slurm_submit")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.slurm.submit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("complete", help="exit 0 when STAGE's completion marker matches CONFIG, else 1")
     p.add_argument("config", type=Path)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "task":
         return run_task(args.stage, args.config)
-    from pipeline.stages import is_complete
+    from pipeline.core.stages import is_complete
 
     try:
         return 0 if is_complete(load_config(args.config), args.stage) else 1
@@ -290,7 +290,7 @@ def run_task(stage: str, config: Path) -> int:
     import socket
 
     from pipeline.cli import main as cli_main
-    from pipeline.launch import DistEnv, LaunchError
+    from training.launch import DistEnv, LaunchError
 
     try:
         env = DistEnv.from_config(load_config(config))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
-from pipeline.stages import MARKER, stage_dir
+from pipeline.core.stages import MARKER, stage_dir
 
 
 class PrepInputError(ConfigError):
@@ -74,8 +74,8 @@ def run_prep(cfg: Config) -> dict[str, Any]:
     """Run the prep sub-stages, write prep/stats.json, log counts to MLflow; returns the summary."""
     from dataprep.prep import build_plan, check_invariant, collect_counts
     from dataprep.readers import MalformedRecordError
-    from pipeline.executors import run_local, run_slurm
-    from pipeline.tracking import stage_run
+    from pipeline.core.executors import run_local, run_slurm
+    from pipeline.core.tracking import stage_run
 
     started = time.perf_counter()
     root = stage_dir(cfg, "prep")

@@ -125,15 +125,15 @@ def start_clean(cfg: Config, name: str, force: bool = False) -> None:
 
 
 # The chain, in order. Later stages join as they are built.
-register(Stage("prep", ("data", "prep"), (), "pipeline.stage_prep:run_prep",
+register(Stage("prep", ("data", "prep"), (), "pipeline.stages.prep:run_prep",
                "deduplicate and quality-filter raw text into clean documents", outputs=("prep",)))
-register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stage_tokenizer:run_tokenizer",
+register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stages.tokenizer:run_tokenizer",
                "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",)))
-register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stage_shard:run_shard",
+register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stages.shard:run_shard",
                "tokenize clean documents into Arrow token shards", outputs=("shard", "shards")))
-register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stage_pretrain:run_pretrain",
+register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run_pretrain",
                "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",)))
-register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stage_finetune:run_finetune",
+register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stages.finetune:run_finetune",
                "fine-tune the pretrained model on each task in finetune.tasks",
                flags=(("--from-scratch", "finetune.from_scratch=true",
                        "train the same architecture from random weights (the no-pretraining baseline)"),)))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError
-from pipeline.tracking import stage_run
+from pipeline.core.tracking import stage_run
 
 
 def init_folder(cfg: Config) -> Path:

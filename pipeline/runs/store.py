@@ -1,6 +1,6 @@
 """The MLflow store behind `scratchgpt runs`: finding it, opening it, searching its runs and finding one run.
 
-Holds the tag names the stages record on their runs (pipeline.tracking.stage_run and
+Holds the tag names the stages record on their runs (pipeline.core.tracking.stage_run and
 each stage's tags), `RunsError` for a store, experiment or run that cannot be used,
 and `Store`, a client with the experiments to search. Only an `MlflowClient` is used,
 never `mlflow.set_tracking_uri`, which would leak the URI into the process
@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, load_config
 
-# Tag names the stages write (pipeline.tracking.stage_run, stage_shard, stage_tokenizer, stage_pretrain).
+# Tag names the stages write (pipeline.core.tracking.stage_run, stage_shard, stage_tokenizer, stage_pretrain).
 STAGE_TAG = "stage"
 WORKDIR_TAG = "workdir"
 PARENT_TAG = "mlflow.parentRunId"
@@ -45,7 +45,7 @@ class Store:
 
 def resolve_tracking_uri(config: Path | None, overrides: list[str], uri: str | None) -> tuple[str, str | None]:
     """(tracking URI, default experiment name): --tracking-uri, else the config's store, else $MLFLOW_TRACKING_URI."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.tracking import tracking_uri
 
     experiment = None
     cfg = None

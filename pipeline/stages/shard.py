@@ -20,8 +20,8 @@ from typing import Any
 
 from dataprep.prep import SubStage
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
-from pipeline.stage_tokenizer import PREP_GLOB, StageInputError, prep_output, tokenizer_output
-from pipeline.stages import MARKER, stage_dir, stage_hash
+from pipeline.core.stages import MARKER, stage_dir, stage_hash
+from pipeline.stages.tokenizer import PREP_GLOB, StageInputError, prep_output, tokenizer_output
 
 
 def shards_dir(cfg: Config) -> Path:
@@ -29,7 +29,7 @@ def shards_dir(cfg: Config) -> Path:
 
 
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
-    from pipeline.executors import run_local, run_slurm
+    from pipeline.core.executors import run_local, run_slurm
 
     if cfg.executor == "slurm":
         return run_slurm(cfg, stages, logs, label="shard")
@@ -120,7 +120,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     from dataprep.shard_step import TokenShardWriter
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.tracking import stage_run
+    from pipeline.core.tracking import stage_run
 
     sc = cfg.shards
     clean = prep_output(cfg)

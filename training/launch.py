@@ -16,7 +16,7 @@ Three ways a process can be started, tried in this order:
 and sets ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` when a network interface is configured
 (``slurm.network_interface``): the interface the collectives use between nodes.
 
-``python -m pipeline.launch`` prints what a process would get, as JSON (handy inside ``srun``).
+``python -m training.launch`` prints what a process would get, as JSON (handy inside ``srun``).
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ def check_interface(names: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--network-interface", help="interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """`scratchgpt runs --compare`: the params, tags and final metrics that differ between runs, and a loss-curve PNG.
 
-`compare` builds the side-by-side text from runs found with pipeline.runs_store;
+`compare` builds the side-by-side text from runs found with pipeline.runs.store;
 `plot_curves` reads their metric histories from the store and draws the chosen
 metric and the training loss against tokens seen (or steps, where tokens per step
 cannot be derived). matplotlib is imported inside `plot_curves` only.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.runs_store import (
+from pipeline.runs.store import (
     PRETRAIN_MANIFEST_TAG,
     SHARD_MANIFEST_TAG,
     SHORT_ID,
@@ -22,7 +22,7 @@ from pipeline.runs_store import (
     Store,
     stage_group,
 )
-from pipeline.runs_table import (
+from pipeline.runs.table import (
     DERIVED_PARAMS,
     KEY_PARAMS,
     duration_s,

@@ -2,7 +2,7 @@
 
 Also the small formatters (times, durations, values) that the comparison and the
 lineage views share, and the per-stage choice of which params and metrics get a
-column. Works on runs already fetched from the store (pipeline.runs_store); nothing
+column. Works on runs already fetched from the store (pipeline.runs.store); nothing
 here talks to MLflow.
 """
 
@@ -13,7 +13,7 @@ import datetime as dt
 import io
 from typing import Any
 
-from pipeline.runs_store import (
+from pipeline.runs.store import (
     PARENT_TAG,
     PRETRAIN_MANIFEST_TAG,
     SHARD_MANIFEST_TAG,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.stages import stage_dir
+from pipeline.core.stages import stage_dir
 
 # Held-back pieces kept in memory to measure bytes per token; more would only cost memory.
 HELDOUT_MAX_CHARS = 8 * 2**20
@@ -95,7 +95,7 @@ def run_tokenizer(cfg: Config) -> dict[str, Any]:
     import mlflow
 
     from dataprep.tokenizer import bytes_per_token, save_tokenizer, tokenizer_sha256, train_tokenizer
-    from pipeline.tracking import stage_run
+    from pipeline.core.tracking import stage_run
 
     tc = cfg.tokenizer
     folder = prep_output(cfg)

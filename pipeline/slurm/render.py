@@ -5,7 +5,7 @@ set-up line, the Python to run) into a `JobScript`; `snapshot_text(cfg)` is the 
 (overrides applied, ``executor: local``) that every job runs, as
 ``python -m pipeline.cli <stage> <workdir>/slurm/config.yaml``, so the jobs run what was submitted
 even if the YAML file changes meanwhile. Nothing here writes a file or calls Slurm; that is
-pipeline.slurm_submit.
+pipeline.slurm.submit.
 
 Safety: no config value reaches the scripts unchecked. ``#SBATCH`` values must be single tokens
 matching a strict pattern (else `ConfigError` naming the key); paths in shell commands are quoted with
@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm" / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
 SNAPSHOT = "config.yaml"
 JOB_PREFIX = "scratchgpt-"
 DATA_STAGES = ("prep", "tokenizer", "shard")

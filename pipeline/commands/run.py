@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.stages import STAGES, is_complete
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.core.stages import STAGES, is_complete
+from pipeline.core.tracking import stage_run, tracking_uri
 
 PARENT_ENV = "SCRATCHGPT_PARENT_RUN_ID"
 

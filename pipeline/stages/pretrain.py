@@ -1,7 +1,7 @@
 """The pretrain stage: shards + tokenizer -> DeepSpeed checkpoints -> a Hugging Face export, tracked in MLflow.
 
 One process runs as it is; more run under torchrun or srun (ranks from the
-environment, read by pipeline.launch). Only rank 0 talks to MLflow.
+environment, read by training.launch). Only rank 0 talks to MLflow.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.stage_tokenizer import tokenizer_output
-from pipeline.tracking import flatten, stage_run, tracking_uri, use_tracking
+from pipeline.core.tracking import flatten, stage_run, tracking_uri, use_tracking
+from pipeline.stages.tokenizer import tokenizer_output
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -97,7 +97,7 @@ class PretrainSetup:
 
 def build(cfg: Config) -> PretrainSetup:
     """Everything a pretraining run needs, on this rank: model, engine, loaders, trainer (not yet resumed)."""
-    from pipeline.launch import DistEnv
+    from training.launch import DistEnv
 
     env = DistEnv.from_environ(network_interface=cfg.slurm.network_interface)
     if env.is_distributed:

@@ -31,14 +31,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.slurm_submit import submit
+    from pipeline.slurm.submit import submit
 
     submit(load_config(args.config, args.overrides), dry_run=args.dry_run)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.slurm_submit import format_status, status
+    from pipeline.slurm.submit import format_status, status
 
     rows = status(args.workdir)
     print(format_status(rows))

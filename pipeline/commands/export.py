@@ -38,7 +38,7 @@ def _split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.stage_pretrain import export_checkpoint
+    from pipeline.stages.pretrain import export_checkpoint
     from training.checkpoint import CheckpointError
 
     ckpt_dir, tag = _split_checkpoint_arg(args.checkpoints)

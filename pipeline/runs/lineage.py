@@ -1,6 +1,6 @@
 """`scratchgpt runs --lineage`: the tokenizer, shards, prep stats and raw inputs a model or run came from.
 
-`lineage` starts from a run (pipeline.runs_store.find_run) or a path (an export
+`lineage` starts from a run (pipeline.runs.store.find_run) or a path (an export
 folder, a checkpoint folder or a workdir) and fills a `Lineage` section by section
 (the `_fill_*` functions) from the files in the workdir and the MLflow runs that
 recorded them, with a warning wherever the two disagree; `format_lineage` prints it.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.runs_store import (
+from pipeline.runs.store import (
     PARENT_TAG,
     PRETRAIN_MANIFEST_TAG,
     SHARD_MANIFEST_TAG,
@@ -25,7 +25,7 @@ from pipeline.runs_store import (
     find_run,
     open_store,
 )
-from pipeline.runs_table import fmt_time
+from pipeline.runs.table import fmt_time
 
 UPSTREAM = {"prep": ("prep",), "tokenizer": ("prep", "tokenizer"), "shard": ("prep", "tokenizer", "shard")}
 ALL_UPSTREAM = ("prep", "tokenizer", "shard")

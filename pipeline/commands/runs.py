@@ -1,6 +1,6 @@
 """`scratchgpt runs`: the table of runs in an experiment, `--compare` with a loss-curve PNG, `--lineage`.
 
-The logic is in pipeline.runs_store (finding and searching the store), runs_table, runs_compare
+The logic is in pipeline.runs.store (finding and searching the store), runs_table, runs_compare
 and runs_lineage; they are imported inside the functions below, so mlflow and matplotlib load only
 when the command runs.
 """
@@ -49,8 +49,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from pipeline.runs_store import RunsError, open_store, resolve_tracking_uri, search, stages_in
-    from pipeline.runs_table import format_runs, runs_csv
+    from pipeline.runs.store import RunsError, open_store, resolve_tracking_uri, search, stages_in
+    from pipeline.runs.table import format_runs, runs_csv
 
     if args.compare is not None and args.lineage is not None:
         raise RunsError("--compare and --lineage are separate views: give one of them")
@@ -75,8 +75,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace, store: object) -> int:
-    from pipeline.runs_compare import compare, plot_curves
-    from pipeline.runs_store import RunsError, find_run
+    from pipeline.runs.compare import compare, plot_curves
+    from pipeline.runs.store import RunsError, find_run
 
     if len(args.compare) < 2:
         raise RunsError("--compare needs at least two runs")
@@ -94,8 +94,8 @@ def _lineage(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from pipeline.runs_lineage import format_lineage, lineage
-    from pipeline.runs_store import open_store, resolve_tracking_uri
+    from pipeline.runs.lineage import format_lineage, lineage
+    from pipeline.runs.store import open_store, resolve_tracking_uri
 
     store = None
     if args.tracking_uri or args.config is not None or os.environ.get("MLFLOW_TRACKING_URI"):
