@@ -43,7 +43,7 @@ from dataprep.filters import FILTER_ORDER, OfflineLanguageFilter, filter_steps, 
 from dataprep.normalize import normalize_steps  # noqa: E402
 from dataprep.readers import InputReader, TaskFileReader  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.stages.prep import run_prep  # noqa: E402
+from pipeline.core.runner import run_stage  # noqa: E402
 
 WEB = Path(__file__).resolve().parents[2] / "shared" / "data" / "web"
 JSON_INPUTS = ["cleaneval_dev.jsonl", "cleanportaleval.jsonl", "l3s_gn1_googlenews.jsonl", "c4/*.json.gz",
@@ -157,7 +157,7 @@ def run_ours(files: list[str], root: Path) -> tuple[float, float, dict]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by mlflow in the previous repeat: use this workdir's store
     cpu = time.process_time()
     started = time.perf_counter()
-    run_prep(cfg)
+    run_stage(cfg, "prep", force=True)
     seconds = time.perf_counter() - started
     return seconds, time.process_time() - cpu, json.loads((root / "prep" / "stats.json").read_text())
 

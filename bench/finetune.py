@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import run_stage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core.runner import run_stage  # noqa: E402
 from pipeline.stages.finetune import task_dir  # noqa: E402
 from training.tasks import read_classification  # noqa: E402
 

@@ -54,7 +54,7 @@ def cut_data(folder: Path) -> tuple[Path, Path]:
 
 
 def prepare(cfg: Any) -> dict[str, float]:
-    from pipeline.cli import run_stage
+    from pipeline.core.runner import run_stage
 
     seconds = {}
     for name in ("prep", "tokenizer", "shard"):

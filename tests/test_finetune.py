@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.stages.finetune import run_finetune
+from pipeline.core.runner import run_stage
 from training.classifier import load_classifier
 from training.tasks import read_classification
 
@@ -53,7 +53,7 @@ def _config(tmp_path: Path, pretrained: Path, *extra: str, steps: int = 30):
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory: pytest.TempPathFactory, pretrained: Path) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("finetuned")
-    return tmp_path, run_finetune(_config(tmp_path, pretrained))
+    return tmp_path, run_stage(_config(tmp_path, pretrained), "finetune", force=True)
 
 
 def test_classification_trains_evaluates_logs_and_exports(finetuned: tuple[Path, dict]) -> None:
@@ -113,7 +113,7 @@ def test_accuracy_on_eval_matches_a_reloaded_model(finetuned: tuple[Path, dict])
 
 
 def test_from_scratch_writes_beside_the_pretrained_run(tmp_path: Path, pretrained: Path) -> None:
-    from pipeline.cli import run_stage
+    from pipeline.core.runner import run_stage
 
     run_stage(_config(tmp_path, pretrained, steps=4), "finetune")
     scratch = _config(tmp_path, pretrained, "finetune.from_scratch=true", "model.n_layer=1", "model.n_embd=32",
@@ -164,7 +164,7 @@ def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, 
             "eval_every": 20, "patience": 5}
     cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"finetune.init_from={pretrained / 'export'}",
                              f"finetune.tasks=[{json.dumps(task)}]", "train.precision=fp32"])
-    summary = run_finetune(cfg)["sst2-sft"]
+    summary = run_stage(cfg, "finetune", force=True)["sst2-sft"]
     history = json.loads((tmp_path / "work" / "finetune" / "sst2-sft" / "metrics.json").read_text())["history"]
     # The answers are one of two words then end-of-text: the loss on them falls from ln(512) = 6.2 nats to
     # below 1 (guessing the word at chance and the rest right is about 0.35 nats per token).
@@ -218,7 +218,7 @@ def test_task_seed_sets_the_head_and_batch_order(tmp_path: Path, pretrained: Pat
         cfg = _config(tmp_path / run, pretrained, steps=2)
         if seed is not None:
             cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"seed": seed})
-        run_finetune(cfg)
+        run_stage(cfg, "finetune", force=True)
         model, _, _ = load_classifier(tmp_path / run / "work" / "finetune" / "sst2" / "export")
         return model.score.weight.detach()
 

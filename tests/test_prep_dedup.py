@@ -11,7 +11,7 @@ import yaml
 from data_helpers import WEB, read_zst_jsonl
 
 from pipeline.config import load_config
-from pipeline.stages.prep import run_prep
+from pipeline.core.runner import run_stage
 
 FILTERS_OFF = {k: False for k in ("length", "language", "gopher_repetition", "gopher_quality", "c4_quality",
                                   "fineweb_quality", "pii")}
@@ -54,7 +54,7 @@ def run(planted: dict, name: str, dedup: dict) -> tuple[dict, Path]:
         "prep": {"tasks": 1, "workers": 1, "filters": FILTERS_OFF, "dedup": dedup},
     }))
     cfg = load_config(cfg_path)
-    return run_prep(cfg), workdir / "prep"
+    return run_stage(cfg, "prep", force=True), workdir / "prep"
 
 
 def test_exact_and_minhash_remove_planted_copies_and_keep_originals(planted: dict) -> None:

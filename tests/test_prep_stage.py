@@ -19,6 +19,13 @@ from pipeline.cli import main
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def prose(n: int, lines: int = 40) -> list[str]:
+    """`n` documents of real text that the default filters keep: speeches of Tiny Shakespeare."""
+    text = SHAKESPEARE.read_text(encoding="utf-8").splitlines(keepends=True)
+    return ["".join(text[i * lines:(i + 1) * lines]) for i in range(n)]
 
 
 def write_config(tmp: Path, workdir: Path, inputs: list[str], **prep) -> Path:
@@ -141,11 +148,11 @@ def test_interrupted_run_resumes_from_task_completions(finished: dict, capsys) -
 
 def test_force_redoes_from_scratch(tmp_path: Path) -> None:
     src = tmp_path / "a.jsonl"
-    src.write_text("".join(json.dumps({"id": f"{i}", "text": f"document {i} " * 50}) + "\n" for i in range(4)))
+    src.write_text("".join(json.dumps({"id": f"{i}", "text": t}) + "\n" for i, t in enumerate(prose(4))))
     cfg = write_config(tmp_path, tmp_path / "w", [str(src)], filters={"language": False}, tasks=1)
     assert main(["prep", str(cfg)]) == 0
     first = json.loads((tmp_path / "w" / "prep" / "stats.json").read_text())
-    src.write_text(src.read_text() + json.dumps({"id": "new", "text": "a brand new document " * 30}) + "\n")
+    src.write_text(src.read_text() + json.dumps({"id": "new", "text": prose(5)[4]}) + "\n")
     assert main(["prep", str(cfg), "--force"]) == 0  # same config, new data: stale completions must not count
     second = json.loads((tmp_path / "w" / "prep" / "stats.json").read_text())
     assert second["docs_in"] == first["docs_in"] + 1

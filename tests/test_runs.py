@@ -94,7 +94,7 @@ def build_store(root: Path, uri: str) -> Built:
 
     from dataprep.shards import build_manifest, manifest_sha256, shard_metadata, write_manifest
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.core.stages import write_marker
+    from pipeline.core.runner import write_marker
     from pipeline.core.tracking import stage_run
 
     workdir = root / "work"
@@ -433,7 +433,7 @@ def test_runs_and_lineage_of_the_real_stages(tmp_path: Path, capsys) -> None:
 
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.cli import run_stage
+    from pipeline.core.runner import run_stage
 
     lines = SHAKESPEARE.read_text(encoding="utf-8")[:100_000].splitlines(keepends=True)
     docs = ["".join(lines[i:i + 40]) for i in range(0, len(lines), 40)]

@@ -82,7 +82,8 @@ def test_datatrove_arrays_need_a_partition(inputs: Path) -> None:
 
 
 def test_snapshot_is_the_config_with_the_local_executor(inputs: Path) -> None:
-    from pipeline.core.stages import STAGES, stage_hash
+    from pipeline.core.identity import compute
+    from pipeline.core.stages import STAGES
 
     c = cfg(inputs, "executor=slurm", "train.lr=0.01")
     snap = inputs / "snap.yaml"
@@ -90,7 +91,7 @@ def test_snapshot_is_the_config_with_the_local_executor(inputs: Path) -> None:
     again = load_config(snap)
     assert again.executor == "local" and again.train.lr == 0.01
     # the same stage hashes: a stage finished in a job counts as complete for the submitted config
-    assert [stage_hash(again, s) for s in STAGES] == [stage_hash(c, s) for s in STAGES]
+    assert [compute(again, s).hash for s in STAGES] == [compute(c, s).hash for s in STAGES]
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -163,7 +164,7 @@ def test_the_setup_line_runs_as_written_and_stays_on_its_line(inputs: Path, setu
 
 
 def test_complete_stages_are_skipped(inputs: Path) -> None:
-    from pipeline.core.stages import write_marker
+    from pipeline.core.runner import write_marker
 
     c = cfg(inputs)
     write_marker(c, "prep", {}, 0.0)
@@ -210,7 +211,7 @@ def test_help_stays_light() -> None:
 
 def fake_submission(inputs: Path) -> Path:
     """A workdir as `scratchgpt submit` leaves it: the config snapshot and jobs.json, prep already complete."""
-    from pipeline.core.stages import write_marker
+    from pipeline.core.runner import write_marker
     from pipeline.slurm.submit import prepare
 
     c = cfg(inputs)

@@ -8,7 +8,8 @@ import pytest
 from test_shards_fixtures import web_documents, write_prep_output
 
 from pipeline.config import load_config
-from pipeline.stages.tokenizer import TrainingSample, run_tokenizer
+from pipeline.core.runner import run_stage
+from pipeline.stages.tokenizer import TrainingSample
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def test_without_held_back_text_bytes_per_token_says_it_was_measured_on_training
     write_prep_output(tmp_path, web_documents()[:20], files=1)
     cfg = load_config(None, [f"workdir={tmp_path}", "data.inputs=[]", "tokenizer.vocab_size=300",
                              "tokenizer.heldout_fraction=0"])
-    summary = run_tokenizer(cfg)
+    summary = run_stage(cfg, "tokenizer")
     assert summary["bytes_per_token_on"] == "train"
     assert summary["vocab_size"] == 300 and summary["bytes_per_token"] > 1
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()

@@ -12,8 +12,9 @@ import torch
 from train_helpers import build_workdir, copy_inputs, tiny_config
 
 from pipeline.config import ConfigError
-from pipeline.stages.pretrain import build, export_checkpoint
+from pipeline.stages.pretrain import build
 from training import checkpoint
+from training.export import export_checkpoint
 from training.loop import NonFiniteLoss
 
 

@@ -44,13 +44,12 @@ def tiny_config(workdir: Path, *overrides: str) -> Config:
 
 def build_workdir(workdir: Path) -> Config:
     """A workdir with prep output, a trained tokenizer and token shards (the pretrain stage's inputs)."""
-    from pipeline.stages.shard import run_shard
-    from pipeline.stages.tokenizer import run_tokenizer
+    from pipeline.core.runner import run_stage
 
     cfg = tiny_config(workdir)
     write_prep_output(workdir)
-    run_tokenizer(cfg)
-    run_shard(cfg)
+    run_stage(cfg, "tokenizer")
+    run_stage(cfg, "shard")
     return cfg
 
 

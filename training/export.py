@@ -249,3 +249,17 @@ def load_gpt(folder: str | Path) -> tuple[GPT, GPTConfig]:
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         raise ValueError(f"{folder / WEIGHTS_FILE} could not be read as safetensors: {exc}") from None
     return gpt_from_state_dict(from_hf_state_dict(hf), config, where=str(folder / WEIGHTS_FILE)), config
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None, tag: str | None = None) -> Path:
+    """Join a checkpoint's ZeRO partitions into full fp32 weights and write a Hugging Face GPT-2 folder."""
+    from training.checkpoint import full_state_dict
+    from training.model import GPTConfig
+
+    state, meta = full_state_dict(ckpt_dir, tag)
+    gcfg = GPTConfig.from_dict(meta["model_config"])
+    out = export_hf(state, gcfg, tokenizer_dir if tokenizer_dir and tokenizer_dir.is_dir() else None, out_dir)
+    (Path(out) / "scratchgpt_checkpoint.json").write_text(
+        json.dumps({"checkpoint": str(Path(ckpt_dir).resolve() / meta["tag"]), "step": meta["step"]}, indent=2)
+    )
+    return Path(out)

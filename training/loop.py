@@ -23,6 +23,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
+from training.progress import duration, eta_seconds
 from training.schedule import lr_at
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -215,7 +216,9 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step)
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    self._log_train(loss, lr, dt, tokens_per_step)
+                    left = budget_s - (time.perf_counter() - started)
+                    eta = eta_seconds(steps_timed, cfg.max_steps - self.step + steps_timed, train_time, left)
+                    self._log_train(loss, lr, dt, tokens_per_step, eta)
                 done = self.step >= cfg.max_steps
                 if self.step % cfg.eval_every == 0 or done or stop:
                     result.val = self._eval_and_sample()
@@ -236,12 +239,13 @@ class Trainer:
         result.tokens_per_sec = tokens_per_step * steps_timed / train_time if train_time > 0 else 0.0
         return result
 
-    def _log_train(self, loss: float, lr: float, dt: float, tokens_per_step: int) -> None:
+    def _log_train(self, loss: float, lr: float, dt: float, tokens_per_step: int, eta: float = math.inf) -> None:
         tokens_per_sec = tokens_per_step / dt
         mfu = self.mfu(tokens_per_sec)
         if self.progress:
             print(f"[pretrain] step {self.step}/{self.train_cfg.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                  f"{tokens_per_sec:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
+                  f"{tokens_per_sec:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu is not None else "")
+                  + f" ETA {duration(eta)}", flush=True)
         if self.logger is None or not self.logger.enabled:
             return
         metrics = {"train_loss": loss, "lr": lr, "step_time": dt, "tokens_per_sec": tokens_per_sec}

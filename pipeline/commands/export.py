@@ -38,8 +38,8 @@ def _split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.stages.pretrain import export_checkpoint
     from training.checkpoint import CheckpointError
+    from training.export import export_checkpoint
 
     ckpt_dir, tag = _split_checkpoint_arg(args.checkpoints)
     stage_dir = ckpt_dir.parent  # <workdir>/pretrain

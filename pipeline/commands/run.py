@@ -7,21 +7,49 @@ after it (the marker hash chains through the upstream hashes).
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.core.stages import STAGES, is_complete
+from pipeline.commands.args import add_config_args
+from pipeline.config import Config, load_config
+from pipeline.core.identity import is_complete
+from pipeline.core.lock import workdir_lock
+from pipeline.core.runner import run_stage
+from pipeline.core.stages import STAGES
 from pipeline.core.tracking import stage_run, tracking_uri
+from pipeline.core.workdir import workdir_of
 
 PARENT_ENV = "SCRATCHGPT_PARENT_RUN_ID"
 
 
-def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
-    """Run the chain; returns {stage: summary, or None when it was skipped}."""
-    from pipeline.cli import run_stage
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run every stage in order, skipping complete ones")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.set_defaults(func=cmd_run)
 
+
+def cmd_run(args: argparse.Namespace) -> int:
+    args.cfg = cfg = load_config(args.config, args.overrides)
+    if cfg.executor == "slurm":  # the same chain, as Slurm jobs (scratchgpt submit)
+        from pipeline.slurm.submit import submit
+
+        submit(cfg)
+        return 0
+    run_pipeline(cfg, force=args.force)
+    print(closing_report(cfg))
+    return 0
+
+
+def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
+    """Run the chain under one lock; returns {stage: summary, or None when it was skipped}."""
+    with workdir_lock(workdir_of(cfg).lock, "run"):
+        return _run_chain(cfg, force)
+
+
+def _run_chain(cfg: Config, force: bool) -> dict[str, Any]:
     pending = [name for name in STAGES if force or not is_complete(cfg, name)]
     if not pending:
         print("Every stage is complete for this config; nothing to do (pass --force to redo).")
@@ -59,16 +87,17 @@ def sample_lines(export: Path, prompt: str, tokens: int = 60, seed: int = 0) -> 
 
 def closing_report(cfg: Config) -> str:
     """Where the model, the MLflow store and the fine-tuned tasks are, and a few generated lines."""
-    work = Path(cfg.workdir).resolve()
+    paths = workdir_of(cfg)
+    work = paths.root.resolve()
     uri = tracking_uri(cfg)
     lines = ["", "=" * 72, f"Workdir:        {work}"]
-    export = work / "pretrain" / "export"
+    export = paths.export.resolve()
     if (export / "config.json").is_file():
         lines.append(f"Model:          {export}  (transformers.GPT2LMHeadModel.from_pretrained)")
     for task in cfg.finetune.tasks:
-        for name in (task.name, f"{task.name}-scratch"):
-            if (work / "finetune" / name / "export").is_dir():
-                lines.append(f"Task model:     {work / 'finetune' / name / 'export'}")
+        for scratch in (False, True):
+            if (paths.task(task.name, scratch) / "export").is_dir():
+                lines.append(f"Task model:     {(paths.task(task.name, scratch) / 'export').resolve()}")
     lines.append(f"MLflow store:   {uri}  (experiment {cfg.tracking.experiment!r})")
     ui = f"--backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else ""
     lines.append(f"Browse runs:    .venv/bin/mlflow ui {ui} --port 5000".rstrip())

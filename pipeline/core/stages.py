@@ -1,141 +1,91 @@
-"""The stage graph: each stage's config sections, what it depends on, and its completion marker.
+"""The stage registry: what each stage reads, what it depends on, what it writes, and the function that does it.
 
-A finished stage writes `<workdir>/<stage>/_COMPLETE.json` holding a hash of the
-config sections it consumed and of its upstream stages' hashes. Running again
-skips a stage whose marker hash matches, and redoes it (and so everything
-after it) when the hash changed.
+A stage is a `StageSpec`; its entry, `run(ctx) -> summary`, does only the stage's
+work. Everything around it (completion check, clean-or-resume, the workdir lock,
+the MLflow run, the marker, the summary line, errors) is the runner's
+(`pipeline.core.runner`). Adding a stage is its own module under
+`pipeline/stages/` plus one `register(...)` line here.
+
+Entries and hooks are "module:function" strings, imported only when used, so
+that `scratchgpt --help` does not pay for torch or datatrove.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
-import os
-import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from pipeline.config import Config, ConfigError
-
-MARKER = "_COMPLETE.json"
-STARTED = "_STARTED.json"  # the hash a stage was started with, so a run with another config starts clean
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
     name: str
     sections: tuple[str, ...]  # config sections whose change redoes the stage
-    upstream: tuple[str, ...]
-    entry: str  # "module:function" taking the Config and returning the summary figures;
-    # imported only when the stage runs, so `--help` does not pay for torch or datatrove.
+    upstream: tuple[str, ...]  # stages whose outputs it reads: a change there redoes it too
+    entry: str  # "module:function": run(ctx) -> summary dict
     help: str = ""
+    # Folders under the workdir that hold this stage's outputs: removed when it starts afresh.
+    outputs: tuple[str, ...] = ()
+    # "module:function": cfg -> list of input files (paths) whose content is part of the stage's identity.
+    inputs: str | None = None
+    # "module:function": cfg -> str, a fingerprint of the finished stage's outputs, read by downstream identities.
+    digest: str | None = None
+    # "module:function": cfg -> dict, the config the identity covers (default: the `sections`, as they are).
+    identity_config: str | None = None
     # Extra command-line switches: (flag, the override it stands for, help).
     flags: tuple[tuple[str, str, str], ...] = ()
-    # Folders under the workdir that hold this stage's outputs (its own folder included).
-    outputs: tuple[str, ...] = ()
 
-    def run(self, cfg: Config) -> dict[str, Any]:
-        module, _, func = self.entry.partition(":")
-        return getattr(importlib.import_module(module), func)(cfg)
-
-
-STAGES: dict[str, Stage] = {}
+    def hook(self, attr: str) -> Callable[..., Any] | None:
+        target = getattr(self, attr)
+        if target is None:
+            return None
+        module, _, func = target.partition(":")
+        return getattr(importlib.import_module(module), func)
 
 
-def register(stage: Stage) -> Stage:
+STAGES: dict[str, StageSpec] = {}
+
+
+def register(stage: StageSpec) -> StageSpec:
+    for up in stage.upstream:
+        if up not in STAGES:
+            raise ValueError(f"stage {stage.name}: upstream {up!r} must be registered before it")
     STAGES[stage.name] = stage
     return stage
 
 
-def stage_dir(cfg: Config, name: str) -> Path:
-    return Path(cfg.workdir) / name
+def downstream(name: str) -> list[str]:
+    """Stages that read `name`'s outputs, directly or through others, in chain order."""
+    found: list[str] = []
+    for stage in STAGES.values():
+        if name in stage.upstream or any(up in found for up in stage.upstream):
+            found.append(stage.name)
+    return found
 
 
-def stage_hash(cfg: Config, name: str) -> str:
-    stage = STAGES[name]
-    parts = [cfg.section_hash(*stage.sections)] + [stage_hash(cfg, up) for up in stage.upstream]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def read_marker(cfg: Config, name: str) -> dict[str, Any] | None:
-    path = stage_dir(cfg, name) / MARKER
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # workdir under a file: no marker
-        return None
-
-
-def is_complete(cfg: Config, name: str) -> bool:
-    marker = read_marker(cfg, name)
-    return marker is not None and marker.get("hash") == stage_hash(cfg, name)
-
-
-def write_marker(cfg: Config, name: str, summary: dict[str, Any], started: float) -> None:
-    path = stage_dir(cfg, name) / MARKER
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {
-        "stage": name,
-        "hash": stage_hash(cfg, name),
-        "started": started,
-        "finished": time.time(),
-        "summary": summary,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str))
-    os.replace(tmp, path)  # atomic: a marker is never half-written
-
-
-def clear_marker(cfg: Config, name: str) -> None:
-    (stage_dir(cfg, name) / MARKER).unlink(missing_ok=True)
-
-
-def outputs_are_stale(cfg: Config, name: str, force: bool = False) -> bool:
-    """True when the stage's folders hold work done with another config (or --force asks to redo it).
-
-    An interrupted run with the same config is not stale: it resumes from what it left.
-    """
-    current = stage_hash(cfg, name)
-    for path in (stage_dir(cfg, name) / MARKER, stage_dir(cfg, name) / STARTED):
-        try:
-            if json.loads(path.read_text()).get("hash") != current:
-                return True
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-            continue
-    return force and any((Path(cfg.workdir) / out).exists() for out in STAGES[name].outputs)
-
-
-def start_clean(cfg: Config, name: str, force: bool = False) -> None:
-    """Remove stale outputs, then record the hash this stage starts with.
-
-    Call it from one process only (the CLI for a single-process stage, `submit` before queueing a job):
-    ranks of a multi-process stage must never see each other's deletions.
-    """
-    if outputs_are_stale(cfg, name, force):
-        for out in STAGES[name].outputs:
-            shutil.rmtree(Path(cfg.workdir) / out, ignore_errors=True)
-    path = stage_dir(cfg, name) / STARTED
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"stage": name, "hash": stage_hash(cfg, name), "at": time.time()}))
-    except OSError as exc:
-        raise ConfigError(f"cannot write the {name} output folder {path.parent}: {exc.strerror or exc}") from None
-
-
-# The chain, in order. Later stages join as they are built.
-register(Stage("prep", ("data", "prep"), (), "pipeline.stages.prep:run_prep",
-               "deduplicate and quality-filter raw text into clean documents", outputs=("prep",)))
-register(Stage("tokenizer", ("tokenizer",), ("prep",), "pipeline.stages.tokenizer:run_tokenizer",
-               "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",)))
-register(Stage("shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stages.shard:run_shard",
-               "tokenize clean documents into Arrow token shards", outputs=("shard", "shards")))
-register(Stage("pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run_pretrain",
-               "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",)))
-register(Stage("finetune", ("finetune",), ("pretrain",), "pipeline.stages.finetune:run_finetune",
-               "fine-tune the pretrained model on each task in finetune.tasks",
-               flags=(("--from-scratch", "finetune.from_scratch=true",
-                       "train the same architecture from random weights (the no-pretraining baseline)"),)))
+# The chain, in order.
+register(StageSpec(
+    "prep", ("data", "prep"), (), "pipeline.stages.prep:run",
+    "deduplicate and quality-filter raw text into clean documents", outputs=("prep",),
+    inputs="pipeline.stages.prep:input_files", digest="pipeline.stages.prep:digest"))
+register(StageSpec(
+    "tokenizer", ("tokenizer",), ("prep",), "pipeline.stages.tokenizer:run",
+    "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",),
+    digest="pipeline.stages.tokenizer:digest"))
+register(StageSpec(
+    "shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stages.shard:run",
+    "tokenize clean documents into Arrow token shards", outputs=("shard", "shards"),
+    inputs="pipeline.stages.shard:input_files", digest="pipeline.stages.shard:digest"))
+register(StageSpec(
+    "pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run",
+    "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",),
+    digest="pipeline.stages.pretrain:digest"))
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.
+register(StageSpec(
+    "finetune", ("finetune",), ("pretrain",), "pipeline.stages.finetune:run",
+    "fine-tune the pretrained model on each task in finetune.tasks",
+    inputs="pipeline.stages.finetune:input_files",
+    flags=(("--from-scratch", "finetune.from_scratch=true",
+            "train the same architecture from random weights (the no-pretraining baseline)"),)))

@@ -15,6 +15,21 @@ from typing import Any
 
 from pipeline.config import Config
 
+# Tag names, written here and by the stages, read by `scratchgpt runs` (pipeline.runs).
+STAGE_TAG = "stage"
+WORKDIR_TAG = "workdir"
+PARENT_TAG = "mlflow.parentRunId"
+CONFIG_HASH_TAG = "config_hash"
+GIT_COMMIT_TAG = "git_commit"
+IDENTITY_TAG = "stage_identity"  # the runner's identity of the stage run: config, inputs, upstream outputs
+PRETRAIN_MANIFEST_TAG = "shard_manifest_sha256"  # on pretrain runs: the shards it trained on
+SHARD_MANIFEST_TAG = "manifest_sha256"  # on shard runs: the manifest they wrote
+TOKENIZER_TAG = "tokenizer_sha256"
+TASK_TAG = "task"
+KIND_TAG = "kind"
+ARM_TAG = "arm"  # fine-tuning: "pretrained" or "scratch"
+STOPPED_TAG = "stopped_by"
+
 # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are
 # remembered, so that a second config in the same process (another workdir) is not sent to the first's store.
 _EXPORTED_BY_US: set[str] = set()
@@ -103,17 +118,22 @@ def stage_run(
     experiment_id = setup_experiment(cfg)
     parent_run_id = parent_run_id or os.environ.get("SCRATCHGPT_PARENT_RUN_ID")
     all_tags = {
-        "stage": stage,
-        "config_hash": cfg.section_hash(*sections) if sections else "",
-        "git_commit": git_commit(),
-        "workdir": str(Path(cfg.workdir).resolve()),
+        STAGE_TAG: stage,
+        CONFIG_HASH_TAG: cfg.section_hash(*sections) if sections else "",
+        GIT_COMMIT_TAG: git_commit(),
+        WORKDIR_TAG: str(Path(cfg.workdir).resolve()),
         **(tags or {}),
     }
     if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[PARENT_TAG] = parent_run_id
     nested = mlflow.active_run() is not None  # a stage run inside the pipeline's (or a task's inside a stage's)
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags, nested=nested) as run:
         if sections:
             params = flatten(cfg.model_dump(mode="json", include=set(sections)))
             mlflow.log_params(params)
         yield run
+
+
+def upstream_tags(parts: dict[str, Any]) -> dict[str, str]:
+    """`upstream.<stage>` tags from an identity's parts: which outputs of the stages before this run read."""
+    return {f"upstream.{name}": str(digest)[:250] for name, digest in (parts.get("upstream") or {}).items()}

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, load_config
-
-# Tag names the stages write (pipeline.core.tracking.stage_run, stage_shard, stage_tokenizer, stage_pretrain).
-STAGE_TAG = "stage"
-WORKDIR_TAG = "workdir"
-PARENT_TAG = "mlflow.parentRunId"
-PRETRAIN_MANIFEST_TAG = "shard_manifest_sha256"  # on pretrain runs: the shards it trained on
-SHARD_MANIFEST_TAG = "manifest_sha256"  # on shard runs: the manifest they wrote
-TOKENIZER_TAG = "tokenizer_sha256"
+from pipeline.core.tracking import (  # noqa: F401 - the tag names, re-exported for the other runs modules
+    PARENT_TAG,
+    PRETRAIN_MANIFEST_TAG,
+    SHARD_MANIFEST_TAG,
+    STAGE_TAG,
+    TOKENIZER_TAG,
+    WORKDIR_TAG,
+)
 
 SHORT_ID = 8
 

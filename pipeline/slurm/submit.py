@@ -61,7 +61,8 @@ def _sbatch(script: Path, dependency: list[str]) -> str:
 def plan(cfg: Config) -> tuple[list[JobScript], list[str]]:
     """The scripts of the stages still to run, and the stages skipped as complete. Renders all before any submit,
     so a bad value fails before anything is queued."""
-    from pipeline.core.stages import STAGES, is_complete
+    from pipeline.core.identity import is_complete
+    from pipeline.core.stages import STAGES
 
     scripts, skipped = [], []
     for name in STAGES:
@@ -113,10 +114,7 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
         listed = ", ".join(f"{stage} (job {state})" for stage, state in waiting.items())
         raise ConfigError(f"{sub.workdir} has jobs of an earlier submission still queued: {listed}; wait for them "
                           f"or scancel them before submitting again")
-    from pipeline.core.stages import start_clean
-
-    for script in scripts:  # here, once, before any rank of a multi-process job could be reading them
-        start_clean(cfg, script.stage)
+    check_unlocked(cfg)
     base = prepare(cfg)
     record: dict[str, Any] = {"submitted": time.time(), "config": str(base / SNAPSHOT),
                               "source": str(cfg.source or ""), "skipped": skipped, "stages": {}}
@@ -136,6 +134,15 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
     print(f"[submit] logs: {base / 'logs'}/{JOB_PREFIX}<stage>-<job id>.out", file=out)
     print(f"[submit] follow with: scratchgpt status {sub.workdir}", file=out)
     return sub
+
+
+def check_unlocked(cfg: Config) -> None:
+    """Refuse to queue jobs into a workdir that a live local run is writing (the jobs would stop on its lock)."""
+    from pipeline.core.lock import workdir_lock
+    from pipeline.core.workdir import workdir_of
+
+    with workdir_lock(workdir_of(cfg).lock, "submit"):
+        pass
 
 
 def prepare(cfg: Config) -> Path:
@@ -224,7 +231,8 @@ def _describe(stage: str, entry: dict[str, str], state: dict[str, str] | None) -
 
 
 def status(workdir: Path) -> list[StageStatus]:
-    from pipeline.core.stages import STAGES, is_complete
+    from pipeline.core.identity import is_complete
+    from pipeline.core.stages import STAGES
 
     workdir = Path(workdir)
     record = read_record(workdir)
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "task":
         return run_task(args.stage, args.config)
-    from pipeline.core.stages import is_complete
+    from pipeline.core.identity import is_complete
 
     try:
         return 0 if is_complete(load_config(args.config), args.stage) else 1
@@ -289,7 +297,7 @@ def run_task(stage: str, config: Path) -> int:
     stage in this same process, so Slurm's signals reach the trainer directly."""
     import socket
 
-    from pipeline.cli import main as cli_main
+    from pipeline.core.runner import stage_main
     from training.launch import DistEnv, LaunchError
 
     try:
@@ -300,7 +308,7 @@ def run_task(stage: str, config: Path) -> int:
     print(f"[slurm] rank {env.rank}/{env.world_size} on {socket.gethostname()} (node {env.node_rank}, local rank "
           f"{env.local_rank}), master {env.master_addr}:{env.master_port}", flush=True)
     env.apply_to_environ()  # before the stage: rank 0 alone writes its marker and summary
-    code = cli_main([stage, str(config)])
+    code = stage_main(stage, config)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError
-from pipeline.core.tracking import stage_run
+from pipeline.core.runner import StageContext
+from pipeline.core.tracking import ARM_TAG, KIND_TAG, TASK_TAG, stage_run
+from pipeline.core.workdir import workdir_of
 
 
 def init_folder(cfg: Config) -> Path:
-    return Path(cfg.finetune.init_from) if cfg.finetune.init_from else Path(cfg.workdir) / "pretrain" / "export"
+    return Path(cfg.finetune.init_from) if cfg.finetune.init_from else workdir_of(cfg).export
 
 
 def task_dir(cfg: Config, task: Any, scratch: bool) -> Path:
-    return Path(cfg.workdir) / "finetune" / (f"{task.name}-scratch" if scratch else task.name)
+    return workdir_of(cfg).task(task.name, scratch)
 
 
 def resolve_builtin_files(cfg: Config, task: Any) -> Any:
@@ -30,8 +32,9 @@ def resolve_builtin_files(cfg: Config, task: Any) -> Any:
         return task
     from dataprep.builtin_corpus import NAME, materialise, write_kind_task
 
-    corpus = materialise(NAME, Path(cfg.workdir) / "prep" / "input", cfg.data.text_key, cfg.data.id_key)
-    files = write_kind_task(corpus, Path(cfg.workdir) / "finetune" / "data" / "python-docs-kind",
+    paths = workdir_of(cfg)
+    corpus = materialise(NAME, paths.prep_input, cfg.data.text_key, cfg.data.id_key)
+    files = write_kind_task(corpus, paths.builtin_tasks / "python-docs-kind",
                             text_key=cfg.data.text_key, id_key=cfg.data.id_key)
     update = {key: str(files[getattr(task, key).rsplit("/", 1)[1]]) for key in ("train", "eval")
               if getattr(task, key).startswith(BUILTIN_PREFIX)}
@@ -41,10 +44,11 @@ def resolve_builtin_files(cfg: Config, task: Any) -> Any:
 def _tokenizer(cfg: Config, init: Path) -> Any:
     from tokenizers import Tokenizer
 
-    for path in (init / "tokenizer.json", Path(cfg.workdir) / "tokenizer" / "tokenizer.json"):
+    own = workdir_of(cfg).tokenizer
+    for path in (init / "tokenizer.json", own / "tokenizer.json"):
         if path.is_file():
             return Tokenizer.from_file(str(path))
-    raise ConfigError(f"no tokenizer.json in {init} or {Path(cfg.workdir) / 'tokenizer'}: run `scratchgpt tokenizer`")
+    raise ConfigError(f"no tokenizer.json in {init} or {own}: run `scratchgpt tokenizer`")
 
 
 def _base_model(cfg: Config, init: Path, scratch: bool, vocab_size: int) -> tuple[Any, Any]:
@@ -63,84 +67,85 @@ def _base_model(cfg: Config, init: Path, scratch: bool, vocab_size: int) -> tupl
     return GPT(config), config
 
 
-def finetune_task(cfg: Config, task: Any, dist: Any, log: Any) -> dict[str, Any]:
+def input_files(cfg: Config) -> list[str]:
+    """The task files (built-in ones are named as they are) and a `finetune.init_from` export: the identity."""
+    files = [value for task in cfg.finetune.tasks for value in (task.train, task.eval)]
+    if cfg.finetune.init_from:
+        init = Path(cfg.finetune.init_from)
+        files += [str(p) for p in sorted(init.glob("*")) if p.is_file()]
+    return list(dict.fromkeys(files))
+
+
+def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any) -> dict[str, Any]:
     import torch
 
-    from training.classifier import GPTClassifier, export_classifier
     from training.engine import build_engine
-    from training.export import export_hf
-    from training.finetune import Finetuner, encode_classification, encode_sft, task_train_config, write_json
-    from training.tasks import LabelMap, task_kind
+    from training.finetune import Finetuner, task_train_config, write_json
+    from training.objectives import objective
+    from training.progress import Progress
+    from training.tasks import task_kind
 
+    cfg = ctx.cfg
     scratch = cfg.finetune.from_scratch or task.from_scratch
     init = init_folder(cfg)
     tokenizer = _tokenizer(cfg, init)
     eot = tokenizer.token_to_id(cfg.tokenizer.eot_token)
     task = resolve_builtin_files(cfg, task)
     kind = task_kind(task.kind)()
+    goal = objective(kind.objective)
     train_ex, eval_ex = kind.load(task)
     seed = cfg.train.seed if task.seed is None else task.seed
     torch.manual_seed(seed)
     gpt, gpt_config = _base_model(cfg, init, scratch, tokenizer.get_vocab_size())
-    block = gpt_config.block_size
-    labels = None
-    if kind.objective == "classification":
-        labels = LabelMap.from_examples(train_ex)
-        train = encode_classification(tokenizer, train_ex, labels.ids(train_ex, task.train), block, task.truncate)
-        evaluation = encode_classification(tokenizer, eval_ex, labels.ids(eval_ex, task.eval), block, task.truncate)
-        model: Any = GPTClassifier(gpt_config, len(labels.labels))
-        model.gpt = gpt
-    else:
-        train = encode_sft(tokenizer, train_ex, eot, block, task.truncate)
-        evaluation = encode_sft(tokenizer, eval_ex, eot, block, task.truncate)
-        model = gpt
+    prepared = goal.prepare(tokenizer, train_ex, eval_ex, task, gpt_config.block_size, eot)
+    model = goal.model(gpt, gpt_config, prepared)
     eng = build_engine(model, task_train_config(cfg.train, task), dist)
-    result = Finetuner(model, eng, task, train, evaluation, pad_id=eot, objective=kind.objective,
-                       seed=seed, n_classes=len(labels.labels) if labels else 0, log=log).run()
-    out = task_dir(cfg, task, scratch)
+    label = f"finetune {task.name}{' (from scratch)' if scratch else ''}"
+    progress = Progress(label, task.max_steps, enabled=dist.is_main)
+    result = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
+                       progress=progress).run()
+    out = ctx.paths.task(task.name, scratch)
     summary = {**result.metrics, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                "from_scratch": scratch}
     if dist.is_main and result.best_state is not None:
-        tok_dir = init if (init / "tokenizer.json").is_file() else Path(cfg.workdir) / "tokenizer"
-        if labels is not None:
-            export_classifier(result.best_state, gpt_config, labels.labels, eot, tok_dir, out / "export",
-                              truncate=task.truncate)
-            write_json(out / "confusion.json", {"labels": labels.labels, "matrix": result.confusion})
-        else:
-            export_hf(result.best_state, gpt_config, tok_dir, out / "export")
+        tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
+        goal.export(result.best_state, gpt_config, prepared, tok_dir, out / "export", task, eot)
+        for name, body in result.reports.items():
+            write_json(out / name, body)
         write_json(out / "metrics.json", {"summary": summary, "history": result.history})
     return summary
 
 
-def run_finetune(cfg: Config) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     import mlflow
 
     from training.engine import init_distributed
 
+    cfg = ctx.cfg
     if not cfg.finetune.tasks:
         return {"tasks": 0, "note": "finetune.tasks is empty: nothing to do"}
     dist = init_distributed()
     summaries: dict[str, Any] = {}
-    parent = stage_run(cfg, "finetune", sections=("finetune",)) if dist.is_main else contextlib.nullcontext()
-    with parent as parent_run:
-        for task in cfg.finetune.tasks:
-            child = (stage_run(cfg, f"finetune/{task.name}", parent_run_id=parent_run.info.run_id,
-                               tags={"task": task.name, "kind": task.kind})
-                     if dist.is_main else contextlib.nullcontext())
-            with child as run:
-                def log(metrics: dict[str, float], step: int) -> None:
-                    if run is not None:
-                        mlflow.log_metrics(metrics, step=step, run_id=run.info.run_id)
+    parent_run = ctx.run
+    for task in cfg.finetune.tasks:
+        scratch = cfg.finetune.from_scratch or task.from_scratch
+        tags = {TASK_TAG: task.name, KIND_TAG: task.kind, ARM_TAG: "scratch" if scratch else "pretrained"}
+        child = (stage_run(cfg, f"finetune/{task.name}", parent_run_id=parent_run.info.run_id, tags=tags)
+                 if parent_run is not None else contextlib.nullcontext())
+        with child as run:
+            def log(metrics: dict[str, float], step: int, _run: Any = run) -> None:
+                if _run is not None:
+                    mlflow.log_metrics(metrics, step=step, run_id=_run.info.run_id)
 
-                summary = finetune_task(cfg, task, dist, log)
-                summaries[task.name] = summary
-                if run is not None:
-                    mlflow.log_params({f"task.{k}": v for k, v in task.model_dump().items()}, run_id=run.info.run_id)
-                    out = task_dir(cfg, task, summary["from_scratch"])
-                    for name in ("metrics.json", "confusion.json"):
-                        if (out / name).is_file():
-                            mlflow.log_artifact(str(out / name), run_id=run.info.run_id)
-        if parent_run is not None:
-            mlflow.log_text(json.dumps(summaries, indent=2), "finetune_summary.json", run_id=parent_run.info.run_id)
+            summary = finetune_task(ctx, task, dist, log)
+            summaries[task.name] = summary
+            if run is not None:
+                params = {**task.model_dump(), "from_scratch": scratch}  # the arm this run is, whichever key said so
+                mlflow.log_params({f"task.{k}": v for k, v in params.items()}, run_id=run.info.run_id)
+                out = ctx.paths.task(task.name, scratch)
+                for path in sorted(out.glob("*.json")):
+                    mlflow.log_artifact(str(path), run_id=run.info.run_id)
+    if parent_run is not None:
+        mlflow.log_text(json.dumps(summaries, indent=2), "finetune_summary.json", run_id=parent_run.info.run_id)
     return {name: {k: v for k, v in s.items() if k.startswith("eval_") or k == "steps"}
             for name, s in summaries.items()}

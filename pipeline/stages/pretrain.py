@@ -6,25 +6,31 @@ environment, read by training.launch). Only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.core.tracking import flatten, stage_run, tracking_uri, use_tracking
+from pipeline.core.runner import StageContext, StageStopped
+from pipeline.core.tracking import PRETRAIN_MANIFEST_TAG, TOKENIZER_TAG, flatten, tracking_uri
+from pipeline.core.workdir import workdir_of
 from pipeline.stages.tokenizer import tokenizer_output
-
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def pretrain_paths(cfg: Config) -> dict[str, Path]:
-    work = Path(cfg.workdir)
-    return {"shards": work / "shards", "tokenizer": work / "tokenizer", "stage": work / "pretrain",
-            "checkpoints": work / "pretrain" / "checkpoints", "export": work / "pretrain" / "export"}
+    paths = workdir_of(cfg)
+    return {"shards": paths.shards, "tokenizer": paths.tokenizer, "stage": paths.pretrain,
+            "checkpoints": paths.checkpoints, "export": paths.export}
+
+
+def digest(cfg: Config) -> str:
+    """What pretraining produced: the export's files (name, size, modification time)."""
+    export = workdir_of(cfg).export
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in export.glob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def _read_manifest(shards_dir: Path) -> dict[str, Any]:
@@ -57,29 +63,6 @@ def make_sampler(model: Any, tokenizer: Any, prompt: str, tokens: int, eot: int,
         return tokenizer.decode(out[0].tolist())
 
     return sample
-
-
-@contextlib.contextmanager
-def _mlflow_run(cfg: Config, paths: dict[str, Path], resuming: bool, tags: dict[str, str]):
-    """The stage's MLflow run; a resumed training continues the run it started in."""
-    import mlflow
-
-    run_id_file = paths["stage"] / RUN_ID_FILE
-    if resuming and run_id_file.is_file():
-        run_id = run_id_file.read_text().strip()
-        use_tracking(cfg)
-        try:
-            mlflow.MlflowClient().get_run(run_id)
-        except Exception:
-            run_id = ""
-        if run_id:
-            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
-                yield run, True
-            return
-    with stage_run(cfg, "pretrain", sections=("model", "train"), tags=tags) as run:
-        paths["stage"].mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(run.info.run_id)
-        yield run, False
 
 
 @dataclass
@@ -161,11 +144,14 @@ def build(cfg: Config) -> PretrainSetup:
                          estimate=estimate, sampler=sampler, manifest=manifest)
 
 
-def run_pretrain(cfg: Config) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    import mlflow
     import torch
 
+    from training.export import export_checkpoint
     from training.metrics_logger import MetricsLogger
 
+    cfg = ctx.cfg
     setup = build(cfg)
     trainer, eng, paths, dist = setup.trainer, setup.eng, setup.paths, setup.eng.dist
     n_params, precision, estimate, sampler, meta = (setup.n_params, setup.precision, setup.estimate,
@@ -174,45 +160,30 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     if resumed and dist.is_main:
         print(f"[pretrain] resumed from {paths['checkpoints'] / resumed} at step {trainer.step}", flush=True)
 
-    tags = {"config_hash": cfg.section_hash("model", "train"), "shard_manifest_sha256": meta["manifest_sha256"],
-            "tokenizer_sha256": meta["tokenizer_sha256"]}
-    run_ctx = _mlflow_run(cfg, paths, resumed is not None, tags) if dist.is_main else contextlib.nullcontext()
-    with run_ctx as opened:
-        logger = MetricsLogger(None)
-        if opened is not None:
-            run, continued = opened
-            logger = MetricsLogger(run.info.run_id, tracking_uri(cfg))
-            if not continued:
-                _log_run_inputs(cfg, paths, eng, n_params, precision, dist.world_size, estimate)
-        trainer.logger = logger
-        try:
-            result = trainer.run()
-        finally:
-            logger.close()
-        overhead = logger.overhead(result.train_seconds)
-        if dist.is_main:
-            _log_final(logger, result, overhead)
-        stopped = result.reason == "signal"
-        export_dir = None
-        sample_text = ""
-        if stopped:
-            if dist.is_main:
-                _end_run_killed(opened)
-                print(f"[pretrain] stopped by signal after step {result.step}; checkpoint "
-                      f"{paths['checkpoints'] / str(result.checkpoint)}; run the same command again to resume",
-                      flush=True)
-        else:
-            sample_text = sampler(result.step) if sampler is not None else ""
-            if dist.is_main:
-                export_dir = export_checkpoint(paths["checkpoints"], paths["export"], paths["tokenizer"])
-                import mlflow
-
-                mlflow.log_artifacts(str(export_dir), "export")
-                mlflow.log_text(sample_text, "samples/final.txt")
-    if stopped:
-        # Exit 0 without a completion marker: the job is ready to be requeued and resumes from the checkpoint.
-        sys.stdout.flush()
-        raise SystemExit(0)
+    if ctx.run is not None:
+        mlflow.set_tags({PRETRAIN_MANIFEST_TAG: meta["manifest_sha256"], TOKENIZER_TAG: meta["tokenizer_sha256"]})
+        if not ctx.resumed:
+            _log_run_inputs(cfg, paths, eng, n_params, precision, dist.world_size, estimate)
+    logger = MetricsLogger(ctx.run.info.run_id, tracking_uri(cfg)) if ctx.run is not None else MetricsLogger(None)
+    trainer.logger = logger
+    try:
+        result = trainer.run()
+    finally:
+        logger.close()
+    overhead = logger.overhead(result.train_seconds)
+    if ctx.run is not None:
+        mlflow.log_metrics({"tracking_fraction": overhead["tracking_fraction"],
+                            "tokens_per_sec_mean": result.tokens_per_sec}, step=result.step)
+    if result.reason == "signal":
+        # No completion marker: the job is ready to be requeued and resumes from the checkpoint.
+        raise StageStopped(f"stopped by signal after step {result.step}; checkpoint "
+                           f"{paths['checkpoints'] / str(result.checkpoint)}; run the same command again to resume")
+    export_dir = None
+    sample_text = sampler(result.step) if sampler is not None else ""
+    if dist.is_main:
+        export_dir = export_checkpoint(paths["checkpoints"], paths["export"], paths["tokenizer"])
+        mlflow.log_artifacts(str(export_dir), "export")
+        mlflow.log_text(sample_text, "samples/final.txt")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return {
@@ -242,33 +213,3 @@ def _log_run_inputs(cfg: Config, paths: dict[str, Path], eng: Any, n_params: int
                        "memory_estimate_bytes": estimate["total"]})
     mlflow.log_dict(eng.ds_config, "deepspeed_config.json")
     mlflow.log_artifacts(str(paths["tokenizer"]), "tokenizer")
-
-
-def _log_final(logger: Any, result: Any, overhead: dict[str, float]) -> None:
-    import mlflow
-
-    mlflow.log_metrics({"tracking_fraction": overhead["tracking_fraction"],
-                        "tokens_per_sec_mean": result.tokens_per_sec}, step=result.step)
-
-
-def _end_run_killed(opened: Any) -> None:
-    import mlflow
-
-    if opened is not None:
-        mlflow.set_tag("stopped_by", "signal")
-        mlflow.end_run("KILLED")  # a resumed run reopens it and finishes it
-
-
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None, tag: str | None = None) -> Path:
-    """Join a checkpoint's ZeRO partitions into full fp32 weights and write a Hugging Face GPT-2 folder."""
-    from training.checkpoint import full_state_dict
-    from training.export import export_hf
-    from training.model import GPTConfig
-
-    state, meta = full_state_dict(ckpt_dir, tag)
-    gcfg = GPTConfig.from_dict(meta["model_config"])
-    out = export_hf(state, gcfg, tokenizer_dir if tokenizer_dir and tokenizer_dir.is_dir() else None, out_dir)
-    (Path(out) / "scratchgpt_checkpoint.json").write_text(
-        json.dumps({"checkpoint": str(Path(ckpt_dir).resolve() / meta["tag"]), "step": meta["step"]}, indent=2)
-    )
-    return Path(out)

@@ -12,20 +12,31 @@ resumes) lives in `<workdir>/shard/`; the shards in `<workdir>/shards/`.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from dataprep.prep import SubStage
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError, expand_inputs
-from pipeline.core.stages import MARKER, stage_dir, stage_hash
+from pipeline.core.runner import StageContext
+from pipeline.core.tracking import SHARD_MANIFEST_TAG, TOKENIZER_TAG
+from pipeline.core.workdir import workdir_of
 from pipeline.stages.tokenizer import PREP_GLOB, StageInputError, prep_output, tokenizer_output
 
 
 def shards_dir(cfg: Config) -> Path:
-    return Path(cfg.workdir) / "shards"
+    return workdir_of(cfg).shards
+
+
+def input_files(cfg: Config) -> list[str]:
+    """`data.val_inputs`, tokenized as they are: part of the stage's identity."""
+    return expand_inputs(cfg.data.val_inputs, "data.val_inputs", str(cfg.source or "<defaults>"))
+
+
+def digest(cfg: Config) -> str:
+    from dataprep.shards import manifest_sha256
+
+    return manifest_sha256(workdir_of(cfg).shards)
 
 
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
@@ -51,28 +62,6 @@ def val_input_files(cfg: Config) -> list[str]:
             raise ConfigError(f"{where}: `data.val_inputs`: {path} is tokenized as it is, so it must be text "
                               f"(.txt, .jsonl/.json[.gz|.zst], .parquet); put raw web data in data.inputs")
     return files
-
-
-def _start_fresh_unless_resuming(cfg: Config, logs: Path, out: Path, token_hash: str) -> None:
-    """Resume an interrupted run of the same config and tokenizer; anything else starts from empty folders.
-
-    datatrove skips tasks it has completion files for, so files from a run with
-    another config or tokenizer must not survive into this one. A completion
-    marker present here means the stage finished before and is being redone
-    (--force): start from scratch too.
-    """
-    identity = {"stage_hash": stage_hash(cfg, "shard"), "tokenizer_sha256": token_hash}
-    stamp = logs / "run_identity.json"
-    try:
-        previous = json.loads(stamp.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        previous = None
-    if previous != identity or (logs.parent / MARKER).exists():
-        shutil.rmtree(logs, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(logs.parent / "removed", ignore_errors=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(identity))
 
 
 def merge_parts(out: Path, token_hash: str) -> dict[str, Any]:
@@ -111,7 +100,7 @@ def count_removed(removed: Path) -> int:
     return total
 
 
-def run_shard(cfg: Config) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     import mlflow
     from datatrove.pipeline.readers import JsonlReader
 
@@ -120,60 +109,64 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     from dataprep.shard_step import TokenShardWriter
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import tokenizer_sha256
-    from pipeline.core.tracking import stage_run
 
+    cfg = ctx.cfg
     sc = cfg.shards
     clean = prep_output(cfg)
     tok_dir = tokenizer_output(cfg)
     token_hash = tokenizer_sha256(tok_dir)
     out = shards_dir(cfg)
-    logs = stage_dir(cfg, "shard") / "logs"
-    removed = stage_dir(cfg, "shard") / "removed"  # malformed val_inputs records, each with its reason
+    logs = ctx.paths.shard_bookkeeping / "logs"
+    removed = ctx.paths.shard_bookkeeping / "removed"  # malformed val_inputs records, each with its reason
     val_files = val_input_files(cfg)
 
-    with stage_run(cfg, "shard", sections=("data", "shards"), tags={"tokenizer_sha256": token_hash}):
-        started = time.time()
-        _start_fresh_unless_resuming(cfg, logs, out, token_hash)
-        writer_args = {"tokenizer_dir": tok_dir, "shards_dir": out, "val_fraction": sc.val_fraction,
-                       "max_shard_bytes": sc.max_shard_bytes, "compression": sc.compression}
-        main = [
-            JsonlReader(str(clean), glob_pattern=PREP_GLOB, recursive=False),
-            TokenShardWriter(source="docs", split="train" if val_files else "hash", **writer_args),
-        ]
-        substages = [SubStage("docs", main, sc.tasks, min(sc.workers, sc.tasks))]
-        if val_files:
-            reader = InputReader(val_files, text_key=cfg.data.text_key, id_key=cfg.data.id_key,
-                                 strict=cfg.data.strict, removed_writer=RemovedWriter(removed, "val_inputs"))
-            tasks = min(sc.tasks, len(val_files))
-            val = [reader, TokenShardWriter(source="valinputs", split="val", **writer_args)]
-            substages.append(SubStage("val_inputs", val, tasks, min(sc.workers, tasks)))
-        try:
-            run_substages(cfg, substages, logs)
-        except MalformedRecordError as exc:
-            raise StageInputError(f"malformed record in data.val_inputs (data.strict is on): {exc}") from None
-        manifest = merge_parts(out, token_hash)
-        seconds = time.time() - started
-        splits = manifest["splits"]
-        summary: dict[str, Any] = {}
-        for split in ("train", "val"):
-            summary[f"{split}_docs"] = splits[split]["docs"]
-            summary[f"{split}_tokens"] = splits[split]["tokens"]
-            summary[f"{split}_bytes"] = splits[split]["bytes"]
-            summary[f"{split}_shards"] = len(splits[split]["shards"])
-        total_bytes = summary["train_bytes"] + summary["val_bytes"]
-        summary["mb_per_sec"] = total_bytes / 2**20 / seconds
-        summary["tokens_per_sec"] = (summary["train_tokens"] + summary["val_tokens"]) / seconds
-        summary["seconds"] = seconds
-        summary["val_inputs_malformed"] = count_removed(removed)
-        summary["dtype"] = manifest["dtype"]
-        summary["manifest_sha256"] = manifest_sha256(out)
-        summary["path"] = str(out)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
-        mlflow.set_tags({"manifest_sha256": summary["manifest_sha256"], "dtype": manifest["dtype"]})
-        mlflow.log_artifact(str(out / "manifest.json"))
+    if ctx.run is not None:
+        mlflow.set_tag(TOKENIZER_TAG, token_hash)
+    started = time.time()
+    logs.mkdir(parents=True, exist_ok=True)
+    writer_args = {"tokenizer_dir": tok_dir, "shards_dir": out, "val_fraction": sc.val_fraction,
+                   "max_shard_bytes": sc.max_shard_bytes, "compression": sc.compression}
+    main = [
+        JsonlReader(str(clean), glob_pattern=PREP_GLOB, recursive=False),
+        TokenShardWriter(source="docs", split="train" if val_files else "hash", **writer_args),
+    ]
+    substages = [SubStage("docs", main, sc.tasks, min(sc.workers, sc.tasks))]
+    if val_files:
+        reader = InputReader(val_files, text_key=cfg.data.text_key, id_key=cfg.data.id_key,
+                             strict=cfg.data.strict, removed_writer=RemovedWriter(removed, "val_inputs"))
+        tasks = min(sc.tasks, len(val_files))
+        val = [reader, TokenShardWriter(source="valinputs", split="val", **writer_args)]
+        substages.append(SubStage("val_inputs", val, tasks, min(sc.workers, tasks)))
+    try:
+        run_substages(cfg, substages, logs)
+    except MalformedRecordError as exc:
+        raise StageInputError(f"malformed record in data.val_inputs (data.strict is on): {exc}") from None
+    manifest = merge_parts(out, token_hash)
+    seconds = time.time() - started
+    splits = manifest["splits"]
+    summary: dict[str, Any] = {}
+    for split in ("train", "val"):
+        summary[f"{split}_docs"] = splits[split]["docs"]
+        summary[f"{split}_tokens"] = splits[split]["tokens"]
+        summary[f"{split}_bytes"] = splits[split]["bytes"]
+        summary[f"{split}_shards"] = len(splits[split]["shards"])
+    total_bytes = summary["train_bytes"] + summary["val_bytes"]
+    summary["mb_per_sec"] = total_bytes / 2**20 / seconds
+    summary["tokens_per_sec"] = (summary["train_tokens"] + summary["val_tokens"]) / seconds
+    summary["seconds"] = seconds
+    summary["val_inputs_malformed"] = count_removed(removed)
+    summary["dtype"] = manifest["dtype"]
+    summary["manifest_sha256"] = manifest_sha256(out)
+    summary["path"] = str(out)
+    mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+    mlflow.set_tags({SHARD_MANIFEST_TAG: summary["manifest_sha256"], "dtype": manifest["dtype"]})
+    mlflow.log_artifact(str(out / "manifest.json"))
     if summary["val_inputs_malformed"]:
-        print(f"[shard] warning: {summary['val_inputs_malformed']} malformed records in data.val_inputs were "
-              f"set aside in {removed}, each with its reason")
+        ctx.warn(f"{summary['val_inputs_malformed']} malformed records in data.val_inputs were set aside in "
+                 f"{removed}, each with its reason")
+    if summary["train_tokens"] == 0:
+        raise ConfigError(f"the train split is empty ({summary['val_docs']} documents went to val): lower "
+                          f"shards.val_fraction ({sc.val_fraction}) or add data")
     if summary["val_docs"] == 0:
         # Fail here, before the completion marker, rather than let pretraining find it out.
         raise ConfigError(f"the val split is empty: raise shards.val_fraction ({sc.val_fraction}) or set "

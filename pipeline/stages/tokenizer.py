@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.core.stages import stage_dir
+from pipeline.core.runner import StageContext
+from pipeline.core.tracking import TOKENIZER_TAG
+from pipeline.core.workdir import workdir_of
 
 # Held-back pieces kept in memory to measure bytes per token; more would only cost memory.
 HELDOUT_MAX_CHARS = 8 * 2**20
@@ -31,7 +33,7 @@ class StageInputError(ConfigError):
 
 def prep_output(cfg: Config) -> Path:
     """The clean documents folder; an error saying what to run when it holds none."""
-    folder = stage_dir(cfg, "prep") / "output"
+    folder = workdir_of(cfg).prep_output
     if not folder.is_dir() or not any(folder.glob(PREP_GLOB)):
         raise StageInputError(f"no clean documents ({PREP_GLOB}) in {folder}: run `scratchgpt prep CONFIG` first")
     return folder
@@ -39,7 +41,7 @@ def prep_output(cfg: Config) -> Path:
 
 def tokenizer_output(cfg: Config) -> Path:
     """The trained tokenizer's folder; an error saying what to run when it is not there."""
-    folder = stage_dir(cfg, "tokenizer")
+    folder = workdir_of(cfg).tokenizer
     if not (folder / "tokenizer.json").is_file():
         raise StageInputError(f"no tokenizer in {folder}: run `scratchgpt tokenizer CONFIG` first")
     return folder
@@ -91,46 +93,51 @@ class TrainingSample:
             self.train_docs += used
 
 
-def run_tokenizer(cfg: Config) -> dict[str, Any]:
+def digest(cfg: Config) -> str:
+    from dataprep.tokenizer import tokenizer_sha256
+
+    return tokenizer_sha256(workdir_of(cfg).tokenizer)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
     import mlflow
 
     from dataprep.tokenizer import bytes_per_token, save_tokenizer, tokenizer_sha256, train_tokenizer
-    from pipeline.core.tracking import stage_run
 
+    cfg = ctx.cfg
     tc = cfg.tokenizer
     folder = prep_output(cfg)
-    out_dir = stage_dir(cfg, "tokenizer")
-    with stage_run(cfg, "tokenizer", sections=("tokenizer",)):
-        started = time.time()
-        sample = TrainingSample(folder, tc.heldout_fraction, tc.sample_bytes)
-        tok = train_tokenizer(sample, tc.vocab_size, tc.min_frequency, tc.eot_token)
-        train_seconds = time.time() - started
-        if sample.train_bytes == 0:
-            raise StageInputError(f"no text to train the tokenizer on in {folder} "
-                             f"(tokenizer.sample_bytes={tc.sample_bytes}, heldout_fraction={tc.heldout_fraction})")
-        path = save_tokenizer(tok, out_dir, tc.eot_token)
-        measured_on = "heldout"
-        texts = sample.heldout
-        if not texts:  # a corpus too small to hold anything back: say so rather than log nothing
-            measured_on = "train"
-            texts = [t for _, t in clean_texts(folder)]
-        bpt = bytes_per_token(tok, texts)
-        summary = {
-            "vocab_size": tok.get_vocab_size(),
-            "bytes_per_token": bpt,
-            "bytes_per_token_on": measured_on,
-            "train_bytes": sample.train_bytes,
-            "train_docs": sample.train_docs,
-            "heldout_pieces": len(sample.heldout),
-            "train_seconds": train_seconds,
-            "tokenizer_sha256": tokenizer_sha256(path),
-            "path": str(path),
-        }
-        mlflow.log_metrics({k: float(summary[k]) for k in ("vocab_size", "bytes_per_token", "train_bytes",
-                                                            "train_docs", "train_seconds")})
-        mlflow.set_tags({"tokenizer_sha256": summary["tokenizer_sha256"], "bytes_per_token_on": measured_on})
-        for name in TOKENIZER_FILES:
-            mlflow.log_artifact(str(out_dir / name), artifact_path="tokenizer")
+    out_dir = ctx.paths.tokenizer
+    started = time.time()
+    sample = TrainingSample(folder, tc.heldout_fraction, tc.sample_bytes)
+    tok = train_tokenizer(sample, tc.vocab_size, tc.min_frequency, tc.eot_token)
+    train_seconds = time.time() - started
+    if sample.train_bytes == 0:
+        raise StageInputError(f"no text to train the tokenizer on in {folder} "
+                              f"(tokenizer.sample_bytes={tc.sample_bytes}, heldout_fraction={tc.heldout_fraction})")
+    path = save_tokenizer(tok, out_dir, tc.eot_token)
+    measured_on = "heldout"
+    texts = sample.heldout
+    if not texts:  # a corpus too small to hold anything back: say so rather than log nothing
+        measured_on = "train"
+        texts = [t for _, t in clean_texts(folder)]
+    bpt = bytes_per_token(tok, texts)
+    summary = {
+        "vocab_size": tok.get_vocab_size(),
+        "bytes_per_token": bpt,
+        "bytes_per_token_on": measured_on,
+        "train_bytes": sample.train_bytes,
+        "train_docs": sample.train_docs,
+        "heldout_pieces": len(sample.heldout),
+        "train_seconds": train_seconds,
+        "tokenizer_sha256": tokenizer_sha256(path),
+        "path": str(path),
+    }
+    mlflow.log_metrics({k: float(summary[k]) for k in ("vocab_size", "bytes_per_token", "train_bytes",
+                                                        "train_docs", "train_seconds")})
+    mlflow.set_tags({TOKENIZER_TAG: summary["tokenizer_sha256"], "bytes_per_token_on": measured_on})
+    for name in TOKENIZER_FILES:
+        mlflow.log_artifact(str(out_dir / name), artifact_path="tokenizer")
     if tok.get_vocab_size() < tc.vocab_size:
         print(f"[tokenizer] note: the corpus gave only {tok.get_vocab_size()} tokens of the "
               f"{tc.vocab_size} asked for (tokenizer.vocab_size)")

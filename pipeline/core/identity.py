@@ -1,0 +1,145 @@
+"""A stage's identity: the config it consumed, the input files it read, and what its upstream stages produced.
+
+    identity = hash(config sections, input files, upstream output digests)
+
+A finished stage records its identity (and the parts it was made of) in its
+completion marker. The stage is complete while the identity computed now is
+the recorded one; when it differs, `explain` says why ("2 input files changed
+since the last run"). Input files are fingerprinted by path, size and content
+(sha256, hashed again only when the size or modification time moved; files
+over HASH_LIMIT by modification time instead), so touching a file redoes
+nothing and editing one redoes its stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.core.stages import STAGES
+from pipeline.core.workdir import workdir_of
+
+HASH_LIMIT = 256 * 2**20  # inputs up to this size are content-hashed (about 0.5 s per 256 MB)
+_HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, so one process hashes a file once
+
+
+@dataclass
+class Identity:
+    hash: str
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_files(paths: list[str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{path: {size, mtime_ns, sha256}} for each file; `previous` lends hashes of files whose size and mtime held."""
+    previous = previous or {}
+    out: dict[str, Any] = {}
+    for name in paths:
+        if ":" in name and not Path(name).exists():  # builtin:python-docs: the Python that builds it decides
+            out[name] = {"builtin": f"python {sys.version_info[0]}.{sys.version_info[1]}"}
+            continue
+        stat = os.stat(name)
+        entry: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        old = previous.get(name) or {}
+        if old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns and old.get("sha256"):
+            entry["sha256"] = old["sha256"]
+        elif stat.st_size <= HASH_LIMIT:
+            key = (name, stat.st_size, stat.st_mtime_ns)
+            if key not in _HASHED:
+                _HASHED[key] = file_sha256(Path(name))
+            entry["sha256"] = _HASHED[key]
+        out[name] = entry
+    return out
+
+
+def _file_key(entry: dict[str, Any]) -> str:
+    """What decides 'the same file': its content when hashed, else its size and modification time."""
+    if "builtin" in entry:
+        return entry["builtin"]
+    return f"{entry['size']}:{entry.get('sha256') or entry['mtime_ns']}"
+
+
+def read_marker(cfg: Config, name: str) -> dict[str, Any] | None:
+    return read_json(workdir_of(cfg).marker(name))
+
+
+def stage_config(cfg: Config, name: str) -> dict[str, Any]:
+    stage = STAGES[name]
+    custom = stage.hook("identity_config")
+    if custom is not None:
+        return custom(cfg)
+    return cfg.model_dump(mode="json", include=set(stage.sections))
+
+
+def compute(cfg: Config, name: str) -> Identity:
+    """The identity of stage `name` for this config, as of now."""
+    stage = STAGES[name]
+    marker = read_marker(cfg, name) or read_json(workdir_of(cfg).started(name)) or {}
+    config_hash = hashlib.sha256(json.dumps(stage_config(cfg, name), sort_keys=True).encode()).hexdigest()[:16]
+    parts: dict[str, Any] = {"config": config_hash, "inputs": {}, "upstream": {}}
+    lister = stage.hook("inputs")
+    if lister is not None:
+        parts["inputs"] = fingerprint_files(lister(cfg), marker.get("parts", {}).get("inputs"))
+    for up in stage.upstream:
+        parts["upstream"][up] = upstream_digest(cfg, up)
+    text = json.dumps({"config": config_hash, "inputs": {k: _file_key(v) for k, v in parts["inputs"].items()},
+                       "upstream": parts["upstream"]}, sort_keys=True)
+    return Identity(hashlib.sha256(text.encode()).hexdigest()[:16], parts)
+
+
+def upstream_digest(cfg: Config, name: str) -> str:
+    """What a finished upstream stage produced (its marker's digest), or 'pending' with the identity it will have."""
+    marker = read_marker(cfg, name)
+    current = compute(cfg, name)
+    if marker is not None and marker.get("hash") == current.hash:
+        return f"{current.hash}:{marker.get('digest', '')}"
+    return f"pending:{current.hash}"
+
+
+def is_complete(cfg: Config, name: str) -> bool:
+    marker = read_marker(cfg, name)
+    return marker is not None and marker.get("hash") == compute(cfg, name).hash
+
+
+def explain(old: dict[str, Any] | None, new: Identity, sections: tuple[str, ...]) -> str:
+    """Why a stage recorded with `old` parts must run again, in words."""
+    if not old:
+        return ""
+    before = old.get("parts") or {}
+    reasons: list[str] = []
+    if before.get("config") != new.parts["config"]:
+        reasons.append(f"the config ({', '.join(sections)}) changed")
+    old_inputs, new_inputs = before.get("inputs") or {}, new.parts["inputs"]
+    added = [p for p in new_inputs if p not in old_inputs]
+    removed = [p for p in old_inputs if p not in new_inputs]
+    edited = [p for p in new_inputs if p in old_inputs and _file_key(old_inputs[p]) != _file_key(new_inputs[p])]
+    for count, what, names in ((len(added), "added", added), (len(removed), "removed", removed),
+                               (len(edited), "changed", edited)):
+        if count:
+            shown = ", ".join(Path(n).name for n in names[:3]) + (", ..." if count > 3 else "")
+            reasons.append(f"{count} input file{'s' if count > 1 else ''} {what} since the last run ({shown})")
+    for up, digest in new.parts["upstream"].items():
+        if (before.get("upstream") or {}).get(up) != digest:
+            reasons.append(f"the {up} stage's output changed")
+    return "; ".join(reasons) or "its identity changed"
