@@ -73,6 +73,9 @@ class Config(Section):
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    custom_import: list[str] = Field(
+        default_factory=list, description="Your own Python modules (dotted names, or .py files) imported before any "
+        "stage runs, so that the task kinds and objectives they register work from the CLI.")
 
     # Where the file was read from; relative paths inside it are relative to the
     # directory the command runs in, as users expect from a CLI.
@@ -85,22 +88,72 @@ class Config(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _type_name(expected: Any) -> str:
-    return getattr(expected, "__name__", str(expected))
+def _key(loc: tuple[Any, ...]) -> str:
+    """The user's key path of an error: no union branch tags (`literal[False]`) and no model-class names."""
+    parts = [str(p) for p in loc if not str(p).startswith(("function-", "literal[")) and not str(p)[:1].isupper()]
+    return ".".join(parts)
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        return "expected a mapping of its keys"
+    return error["msg"].removeprefix("Value error, ")
 
 
 def _format_errors(err: ValidationError, path: Path | str) -> str:
+    """One line per key the user got wrong, in their terms.
+
+    A section that may be `false` (a filter, minhash) is a union: pydantic reports both branches. When the
+    value was a mapping the user meant the section, so the `false` branch's complaint is dropped; when it
+    was neither, one line says what the key takes.
+    """
+    errors = err.errors()
+    branchy = {_key(e["loc"]) for e in errors if any(str(p).startswith("literal[") for p in e["loc"])}
     lines = [f"{path}: invalid config"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "literal[")))
-        key = key.replace(".LengthFilter", "").replace(".MinhashConfig", "")
-        got = e.get("input")
+    for e in errors:
+        key, got = _key(e["loc"]), e.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        union = next((b for b in branchy if key == b or key.startswith(b + ".")), None)
+        if union is not None:
+            if any(str(p).startswith("literal[") for p in e["loc"]):
+                if isinstance(got, dict):
+                    continue  # the mapping branch says what is wrong inside it
+                lines.append(f"  `{key}`: expected false, true or a mapping of its keys{got_text}")
+                continue
+            if key == union and e["type"] in ("model_type", "dict_type", "model_attributes_type"):
+                continue  # said once, by the line above
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key `{key}`")
         else:
-            lines.append(f"  `{key}`: {e['msg']}{got_text}")
-    return "\n".join(dict.fromkeys(lines))
+            lines.append(f"  `{key}`: {_message(e)}{got_text}")
+    lines = list(dict.fromkeys(lines))
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]}: {lines[1].strip()}"
+    return "\n".join(lines)
+
+
+def _check_unique_keys(node: yaml.Node, source: Path, path: str = "") -> None:
+    """A key given twice in one mapping is an error naming it and both lines (plain YAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            full = f"{path}.{key}" if path else key
+            if key in seen:
+                raise ConfigError(f"{source}: key `{full}` is given twice, on lines {seen[key]} and {line}; keep one")
+            seen[key] = line
+            _check_unique_keys(value_node, source, full)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, source, f"{path}.{i}")
+
+
+def read_yaml(source: Path) -> Any:
+    text = source.read_text(encoding="utf-8")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None:
+        _check_unique_keys(node, source)
+    return yaml.safe_load(text)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -137,7 +190,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not source.is_file():
             raise ConfigError(f"config file {source} does not exist")
         try:
-            tree = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+            tree = read_yaml(source) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
@@ -151,7 +204,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(_format_errors(exc, source)) from None
     cfg.source = source if path is not None else None
     check_inputs(cfg)
+    import_custom(cfg.custom_import, str(source))
     return cfg
+
+
+def import_custom(modules: list[str], where: str) -> None:
+    """Import the user's modules named by `custom_import` (a dotted name, or a path to a .py file)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for i, name in enumerate(modules):
+        key = f"custom_import.{i}"
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise ConfigError(f"{where}: `{key}`: file {name!r} does not exist")
+                module_name = f"scratchgpt_custom_{path.stem}"
+                if module_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ConfigError:
+            raise
+        except ImportError as exc:
+            raise ConfigError(f"{where}: `{key}`: cannot import {name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module failed while loading: say where
+            raise ConfigError(f"{where}: `{key}`: importing {name!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def expand_inputs(patterns: list[str], key: str, where: str) -> list[str]:

@@ -31,14 +31,6 @@ class Dist:
         return self.rank == 0
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw) if raw.strip() else default
-    except ValueError:
-        raise EngineError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
 def use_cuda() -> bool:
     import torch
 
@@ -46,15 +38,14 @@ def use_cuda() -> bool:
 
 
 def init_distributed() -> Dist:
-    """Join (or create) the process group; ranks come from torchrun's variables, defaults make one process.
+    """Join (or create) the process group; who this process is comes from training.launch (torchrun's variables,
+    srun's, or one process), the one reader of the distributed environment."""
+    from training.launch import DistEnv
 
-    Slurm launches set the same variables first (training.launch), so this stays launcher-agnostic.
-    """
-    rank = _env_int("RANK", 0)
-    world_size = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if not 0 <= rank < world_size:
-        raise EngineError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    env = DistEnv.from_environ()
+    if env.is_distributed:
+        env.apply_to_environ()  # the torchrun variables that DeepSpeed's env:// reads
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     defaults = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     if world_size == 1 and "MASTER_PORT" not in os.environ:
@@ -266,7 +257,9 @@ def available_memory(device: str) -> int | None:
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-    return available // max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    from training.launch import DistEnv
+
+    return available // max(1, DistEnv.from_environ().local_world_size)  # the processes that share this host
 
 
 def check_memory(estimate: dict[str, int], available: int | None, train: TrainConfig, block_size: int) -> None:

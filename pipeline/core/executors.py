@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Config, ConfigError
+from pipeline.core.console import console_to
 
 
 class SubStageLike(Protocol):
@@ -43,7 +44,8 @@ def run_local(stages: list[SubStageLike], logs: Path, label: str = "prep") -> di
         executor = LocalPipelineExecutor(
             pipeline=stage.pipeline, tasks=stage.tasks, workers=stage.workers, logging_dir=str(logging_dir),
         )
-        executor.run()
+        with console_to(logging_dir / "console.log"):
+            executor.run()
         seconds[stage.name] = time.perf_counter() - started
     return seconds
 

@@ -272,8 +272,8 @@ def error_line(label: str, exc: BaseException) -> str:
     return f"{line}\n  hint: {hint}" if hint else line
 
 
-def _disk_full(exc: OSError) -> DiskFullError:
-    where = exc.filename or "a file under the workdir"
+def _disk_full(exc: OSError, folder: Path | None) -> DiskFullError:
+    where = exc.filename or (f"a file under {folder}" if folder else "a file under the workdir")
     return DiskFullError(f"disk full: cannot write {where} ({exc.strerror or 'no space left on device'})")
 
 
@@ -298,7 +298,8 @@ def guard(label: str, fn: Callable[[], int | None], cfg_of: Callable[[], Config 
     except BaseException as exc:  # noqa: BLE001 - this is the one place that decides
         where = _current[-1] if _current else label
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            exc = _disk_full(exc)
+            cfg = cfg_of()
+            exc = _disk_full(exc, Path(cfg.workdir) / where.split("/")[0] if cfg is not None else None)
         if isinstance(exc, ScratchgptError):
             if is_main:
                 print(error_line(where, exc), file=sys.stderr, flush=True)

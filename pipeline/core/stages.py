@@ -84,7 +84,7 @@ register(StageSpec(
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.
 register(StageSpec(
-    "finetune", ("finetune",), ("pretrain",), "pipeline.stages.finetune:run",
+    "finetune", ("finetune", "custom_import"), ("pretrain",), "pipeline.stages.finetune:run",
     "fine-tune the pretrained model on each task in finetune.tasks",
     inputs="pipeline.stages.finetune:input_files",
     flags=(("--from-scratch", "finetune.from_scratch=true",

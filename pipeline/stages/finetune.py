@@ -68,8 +68,10 @@ def _base_model(cfg: Config, init: Path, scratch: bool, vocab_size: int) -> tupl
 
 
 def input_files(cfg: Config) -> list[str]:
-    """The task files (built-in ones are named as they are) and a `finetune.init_from` export: the identity."""
+    """The task files (built-in ones are named as they are), a `finetune.init_from` export and the user's own
+    modules (`custom_import` .py files): the identity."""
     files = [value for task in cfg.finetune.tasks for value in (task.train, task.eval)]
+    files += [str(Path(m).resolve()) for m in cfg.custom_import if m.endswith(".py")]
     if cfg.finetune.init_from:
         init = Path(cfg.finetune.init_from)
         files += [str(p) for p in sorted(init.glob("*")) if p.is_file()]
