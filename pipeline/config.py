@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
 from dataprep.errors import ScratchgptError
+from dataprep.schema import Section
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -29,8 +30,6 @@ class ConfigError(ScratchgptError, ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class SlurmConfig(Section):

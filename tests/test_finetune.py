@@ -145,7 +145,7 @@ def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict
 def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, pretrained: Path) -> None:
     from tokenizers import Tokenizer
 
-    from training.finetune import encode_sft
+    from training.objectives import encode_sft
     from training.tasks import Example
 
     tok = Tokenizer.from_file(str(pretrained / "export" / "tokenizer.json"))

@@ -90,7 +90,7 @@ def test_scores() -> None:
 def test_long_texts_are_truncated_on_the_configured_side_and_counted() -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from training.finetune import encode_classification
+    from training.objectives import encode_classification
     from training.tasks import Example
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 3}, unk_token="[UNK]"))

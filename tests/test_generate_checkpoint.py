@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_helpers import TINY, build_workdir
+from train_helpers import TINY, TINY_DATA, build_workdir
 
 from pipeline.config import parse_override
 
@@ -30,7 +30,7 @@ def trained(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("gen_ckpt") / "work"
     build_workdir(workdir)
     tree: dict = {"workdir": str(workdir), "tokenizer": {"vocab_size": 300}, "tracking": {"experiment": "g"}}
-    for text in [*TINY, "train.max_steps=4", "train.eval_every=4"]:
+    for text in [*TINY_DATA, *TINY, "train.max_steps=4", "train.eval_every=4"]:
         keys, value = parse_override(text)
         node = tree
         for key in keys[:-1]:

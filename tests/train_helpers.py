@@ -37,9 +37,13 @@ def write_prep_output(workdir: Path, max_bytes: int = 200_000, lines_per_doc: in
     (out / "00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body.encode("utf-8")))
 
 
+# The data settings build_workdir shards with: a config that trains on its shards must say the same, or the
+# shard stage is out of date for it.
+TINY_DATA = ["tokenizer.vocab_size=300", "shards.val_fraction=0.15", "shards.tasks=1", "shards.workers=1"]
+
+
 def tiny_config(workdir: Path, *overrides: str) -> Config:
-    return load_config(None, [f"workdir={workdir}", "tokenizer.vocab_size=300", "shards.val_fraction=0.15",
-                              "shards.tasks=1", "shards.workers=1", *TINY, *overrides])
+    return load_config(None, [f"workdir={workdir}", *TINY_DATA, *TINY, *overrides])
 
 
 def build_workdir(workdir: Path) -> Config:

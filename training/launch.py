@@ -31,12 +31,9 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dataprep.errors import ScratchgptError
-
-if TYPE_CHECKING:
-    from pipeline.config import Config
 
 # Ports derived from a job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN): above the well-known
 # and Slurm's own ports (6817/6818), below Linux's ephemeral range (32768+), so a derived port
@@ -88,7 +85,7 @@ class DistEnv:
         return dist
 
     @classmethod
-    def from_config(cls, cfg: Config, environ: Mapping[str, str] | None = None) -> DistEnv:
+    def from_config(cls, cfg: Any, environ: Mapping[str, str] | None = None) -> DistEnv:
         """`from_environ` with the interface of ``slurm.network_interface`` (None: gloo/NCCL choose)."""
         return cls.from_environ(environ, network_interface=cfg.slurm.network_interface)
 

@@ -6,8 +6,9 @@ Imports torch and DeepSpeed only when the command runs, so `scratchgpt --help` s
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from pipeline.core.workdir import Workdir
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -38,21 +39,16 @@ def _split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from training.checkpoint import CheckpointError
+    from dataprep.errors import ScratchgptError
     from training.export import export_checkpoint
 
     ckpt_dir, tag = _split_checkpoint_arg(args.checkpoints)
-    stage_dir = ckpt_dir.parent  # <workdir>/pretrain
-    out = args.out or stage_dir / "export"
-    tokenizer = args.tokenizer or stage_dir.parent / "tokenizer"
+    workdir = Workdir(ckpt_dir.parents[1]) if len(ckpt_dir.parents) > 1 else Workdir(ckpt_dir)  # <workdir>/pretrain/…
+    out = args.out or workdir.export
+    tokenizer = args.tokenizer or workdir.tokenizer
     if args.tokenizer is not None and not (tokenizer / "tokenizer.json").is_file():
-        print(f"scratchgpt export: {tokenizer / 'tokenizer.json'} does not exist", file=sys.stderr)
-        return 2
-    try:
-        folder = export_checkpoint(ckpt_dir, out, tokenizer if tokenizer.is_dir() else None, tag)
-    except CheckpointError as exc:
-        print(f"scratchgpt export: {exc}", file=sys.stderr)
-        return 2
+        raise ScratchgptError(f"{tokenizer / 'tokenizer.json'} does not exist (--tokenizer)")
+    folder = export_checkpoint(ckpt_dir, out, tokenizer if tokenizer.is_dir() else None, tag)
     print(f"exported {ckpt_dir if tag is None else ckpt_dir / tag} -> {folder}")
     if not (folder / "tokenizer.json").is_file():
         print("  (no tokenizer copied: pass --tokenizer DIR so AutoTokenizer can load the folder)")

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.workdir import Workdir
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -50,8 +52,8 @@ def resolve_model(path: Path) -> tuple[str, Path]:
     for kind, folder in (
         ("export", path),
         ("checkpoint", path),
-        ("export", path / "pretrain" / "export"),
-        ("checkpoint", path / "pretrain" / "checkpoints"),
+        ("export", Workdir(path).export),
+        ("checkpoint", Workdir(path).checkpoints),
     ):
         if (_is_export if kind == "export" else _is_checkpoints)(folder):
             return kind, folder
@@ -76,7 +78,7 @@ def load_for_generation(path: Path, tokenizer_dir: Path | None) -> tuple[Any, Pa
 
     state, meta = full_state_dict(folder)
     model = gpt_from_state_dict(state, GPTConfig.from_dict(meta["model_config"]), where=f"checkpoint {folder}")
-    return model.eval(), tokenizer_dir or folder.parent.parent / "tokenizer"
+    return model.eval(), tokenizer_dir or Workdir(folder.parents[1]).tokenizer  # <workdir>/pretrain/checkpoints
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -174,7 +174,7 @@ def check_writable(folder: Path, name: str) -> None:
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # per process: every rank of a launch checks at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

@@ -35,6 +35,11 @@ class StageSpec:
     identity_config: str | None = None
     # Extra command-line switches: (flag, the override it stands for, help).
     flags: tuple[tuple[str, str, str], ...] = ()
+    # As a Slurm job: its batch template (slurm/templates/<name>.sbatch), whether its work is datatrove steps
+    # (which slurm.data_arrays may run as job arrays), and whether it runs as srun ranks on slurm.nodes.
+    template: str = "data"
+    datatrove: bool = False
+    ranks: bool = False
 
     def hook(self, attr: str) -> Callable[..., Any] | None:
         target = getattr(self, attr)
@@ -55,6 +60,18 @@ def register(stage: StageSpec) -> StageSpec:
     return stage
 
 
+def ancestry(name: str) -> tuple[str, ...]:
+    """The stages whose outputs `name` builds on, directly or through others, in chain order."""
+    found: set[str] = set()
+    todo = list(STAGES[name].upstream)
+    while todo:
+        up = todo.pop()
+        if up not in found:
+            found.add(up)
+            todo.extend(STAGES[up].upstream)
+    return tuple(s for s in STAGES if s in found)
+
+
 def downstream(name: str) -> list[str]:
     """Stages that read `name`'s outputs, directly or through others, in chain order."""
     found: list[str] = []
@@ -68,7 +85,7 @@ def downstream(name: str) -> list[str]:
 register(StageSpec(
     "prep", ("data", "prep"), (), "pipeline.stages.prep:run",
     "deduplicate and quality-filter raw text into clean documents", outputs=("prep",),
-    inputs="pipeline.stages.prep:input_files", digest="pipeline.stages.prep:digest"))
+    inputs="pipeline.stages.prep:input_files", digest="pipeline.stages.prep:digest", datatrove=True))
 register(StageSpec(
     "tokenizer", ("tokenizer",), ("prep",), "pipeline.stages.tokenizer:run",
     "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",),
@@ -76,16 +93,16 @@ register(StageSpec(
 register(StageSpec(
     "shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stages.shard:run",
     "tokenize clean documents into Arrow token shards", outputs=("shard", "shards"),
-    inputs="pipeline.stages.shard:input_files", digest="pipeline.stages.shard:digest"))
+    inputs="pipeline.stages.shard:input_files", digest="pipeline.stages.shard:digest", datatrove=True))
 register(StageSpec(
     "pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run",
     "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",),
-    digest="pipeline.stages.pretrain:digest"))
+    digest="pipeline.stages.pretrain:digest", template="pretrain", ranks=True))
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.
 register(StageSpec(
     "finetune", ("finetune", "custom_import"), ("pretrain",), "pipeline.stages.finetune:run",
     "fine-tune the pretrained model on each task in finetune.tasks",
-    inputs="pipeline.stages.finetune:input_files",
+    inputs="pipeline.stages.finetune:input_files", template="finetune",
     flags=(("--from-scratch", "finetune.from_scratch=true",
             "train the same architecture from random weights (the no-pretraining baseline)"),)))

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.stages import STAGES, ancestry
+from pipeline.core.tracking import ARM_TAG, TASK_TAG
+from pipeline.core.workdir import Workdir
 from pipeline.runs.store import (
     PARENT_TAG,
     PRETRAIN_MANIFEST_TAG,
@@ -27,9 +30,10 @@ from pipeline.runs.store import (
 )
 from pipeline.runs.table import fmt_time
 
-UPSTREAM = {"prep": ("prep",), "tokenizer": ("prep", "tokenizer"), "shard": ("prep", "tokenizer", "shard")}
-ALL_UPSTREAM = ("prep", "tokenizer", "shard")
-MARKER_STAGES = ("prep", "tokenizer", "shard", "pretrain", "finetune")
+# What the model's lineage covers: the data stages pretraining builds on, each with the stages before it.
+ALL_UPSTREAM = ancestry("pretrain")
+UPSTREAM = {name: (*ancestry(name), name) for name in ALL_UPSTREAM}
+MARKER_STAGES = tuple(STAGES)
 
 
 @dataclass
@@ -117,22 +121,28 @@ def _lineage_of_run(run: Any, store: Store) -> Lineage:
             upstream.origin = lin.origin
             upstream.model["finetuned_from"] = init_from
             return upstream
-        pretrain = _pretrain_run_of(workdir, store)
-        lin.model = {"kind": "finetune", "task": run.data.tags.get("task"),
-                     "path": str(workdir / "finetune" / run.data.tags.get("task", "")) if workdir else None,
-                     "finetuned_from": str(workdir / "pretrain" / "export") if workdir else None,
+        scratch = run.data.tags.get(ARM_TAG) == "scratch" or run.data.params.get("task.from_scratch") == "True"
+        pretrain = None if scratch else _pretrain_run_of(workdir, store)
+        task_name = run.data.tags.get(TASK_TAG, "")
+        paths = Workdir(workdir) if workdir else None
+        lin.model = {"kind": "finetune", "task": task_name, "arm": "scratch" if scratch else "pretrained",
+                     "path": str(paths.task(task_name, scratch)) if paths else None,
+                     "finetuned_from": "random weights" if scratch else (str(paths.export) if paths else None),
                      "pretrain_run": _run_summary(pretrain) if pretrain else None}
+        if scratch:  # no pretrained model: only the tokenizer (and what it was trained on) came before it
+            _fill_upstream(lin, workdir, run, store, UPSTREAM["tokenizer"])
+            return lin
         if pretrain is None:
             lin.warnings.append(f"no pretrain run found for workdir {workdir}: the hashes below are the workdir's "
                                 "current files, not what the model was trained on")
         _fill_upstream(lin, workdir, pretrain or run, store, ALL_UPSTREAM)
         return lin
     if stage == "pretrain":
-        export = workdir / "pretrain" / "export" if workdir else None
+        export = Workdir(workdir).export if workdir else None
         # The stage also logs the export as the run's `export` artifacts: that copy stays with the run.
         lin.model = {"kind": "pretrain", "path": str(export) if export else None,
                      "artifacts": f"{run.info.artifact_uri}/export", "pretrain_run": _run_summary(run)}
-        id_file = workdir / "pretrain" / "mlflow_run_id" if workdir else None
+        id_file = Workdir(workdir).run_id_file("pretrain") if workdir else None
         if id_file is not None and id_file.is_file() and id_file.read_text().strip() != run.info.run_id:
             lin.warnings.append(f"{export} now holds the model of run {id_file.read_text().strip()[:SHORT_ID]}, not "
                                 f"this run's: its own export is in the run's artifacts ({lin.model['artifacts']})")
@@ -149,7 +159,7 @@ def _pretrain_run_of(workdir: Path | None, store: Store | None) -> Any:
     """The workdir's pretrain run: the id the stage left in pretrain/mlflow_run_id, else the newest by tag."""
     if workdir is None:
         return None
-    id_file = workdir / "pretrain" / "mlflow_run_id"
+    id_file = Workdir(workdir).run_id_file("pretrain")
     if id_file.is_file():
         run = _run_by_id(store, id_file.read_text().strip())
         if run is not None:
@@ -185,7 +195,7 @@ def _lineage_of_path(path: Path, store: Store | None) -> Lineage:
         lin.model = {"kind": "checkpoint", "path": str(checkpoint)}
     elif any((path / name).is_dir() for name in ("prep", "tokenizer", "shards", "pretrain")):
         workdir = path
-        export = path / "pretrain" / "export"
+        export = Workdir(path).export
         lin.model = {"kind": "workdir", "path": str(export) if export.is_dir() else None}
     else:
         raise RunsError(f"{path}: not an export folder (config.json), a checkpoint folder (latest or scratchgpt.json) "
@@ -199,8 +209,8 @@ def _lineage_of_path(path: Path, store: Store | None) -> Lineage:
             workdir = checkpoint.parents[2]
         if not meta:
             lin.warnings.append(f"checkpoint {checkpoint} has no readable scratchgpt.json: its data hashes are unknown")
-    if store is None and workdir is not None and (workdir / "mlflow.db").is_file():
-        store = open_store(f"sqlite:///{workdir / 'mlflow.db'}", None)
+    if store is None and workdir is not None and Workdir(workdir).mlflow_db.is_file():
+        store = open_store(f"sqlite:///{Workdir(workdir).mlflow_db}", None)
     if store is None:
         lin.warnings.append("no MLflow store to link runs from (none at <workdir>/mlflow.db): pass the CONFIG, "
                             "--tracking-uri or MLFLOW_TRACKING_URI")
@@ -270,7 +280,7 @@ def _fill_shards(lin: Lineage, workdir: Path | None, expected: str, store: Store
     from dataprep.shards import file_sha256
 
     section: dict[str, Any] = {"recorded_sha256": expected or None}
-    path = workdir / "shards" / "manifest.json" if workdir else None
+    path = Workdir(workdir).manifest if workdir else None
     if path is not None and path.is_file():
         section.update(path=str(path), sha256=file_sha256(path))
         manifest = _read_json(path) or {}
@@ -305,7 +315,7 @@ def _fill_tokenizer(lin: Lineage, workdir: Path | None, expected: str, store: St
     from dataprep.tokenizer import tokenizer_sha256
 
     section: dict[str, Any] = {"recorded_sha256": expected or None}
-    path = workdir / "tokenizer" / "tokenizer.json" if workdir else None
+    path = Workdir(workdir).tokenizer / "tokenizer.json" if workdir else None
     if path is not None and path.is_file():
         section.update(path=str(path), sha256=tokenizer_sha256(path))
         if expected and section["sha256"] != expected:
@@ -331,7 +341,7 @@ def _fill_tokenizer(lin: Lineage, workdir: Path | None, expected: str, store: St
 
 def _fill_prep(lin: Lineage, workdir: Path | None, tags: dict[str, str], store: Store | None) -> None:
     section: dict[str, Any] = {}
-    stats_path = workdir / "prep" / "stats.json" if workdir else None
+    stats_path = Workdir(workdir).prep_stats if workdir else None
     stats = _read_json(stats_path) if stats_path is not None else None
     run = None
     if stats is not None:
@@ -371,7 +381,7 @@ def _fill_markers(lin: Lineage, workdir: Path | None) -> None:
         return
     finished: list[tuple[str, float]] = []
     for stage in MARKER_STAGES:
-        marker = _read_json(workdir / stage / "_COMPLETE.json")
+        marker = _read_json(Workdir(workdir).marker(stage))
         if marker is None:
             continue
         when = marker.get("finished")
@@ -412,7 +422,9 @@ def format_lineage(lin: Lineage) -> str:
             more(f"its tokenizer.json: sha256 {model['tokenizer_sha256']}")
         if model.get("step") is not None:
             more(f"step {model['step']}, checkpoint {model.get('checkpoint', model.get('path'))}")
-        if model.get("finetuned_from"):
+        if model.get("arm") == "scratch":
+            more("trained from random weights (the no-pretraining baseline)")
+        elif model.get("finetuned_from"):
             more(f"fine-tuned from {model['finetuned_from']}")
         run_line(model.get("finetune_run"), "finetune")
         run_line(model.get("pretrain_run"), "pretrain")

@@ -27,12 +27,11 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, ConfigError
+from pipeline.core.stages import STAGES
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
 SNAPSHOT = "config.yaml"
 JOB_PREFIX = "scratchgpt-"
-DATA_STAGES = ("prep", "tokenizer", "shard")
-ARRAY_STAGES = ("prep", "shard")  # the data stages built from datatrove steps (the tokenizer trains in-process)
 
 # What an #SBATCH value may be: one token, no whitespace, quotes, `$`, backquote, `;`, `&`, `|`, `#`,
 # redirections or `%` (Slurm expands %-patterns in some options).
@@ -144,16 +143,17 @@ def sbatch_lines(cfg: Config, stage: str) -> list[str]:
         lines.append(f"--account={check_value('account', s.account)}")
     if s.mem:
         lines.append(f"--mem={check_value('mem', s.mem)}")
-    if stage == "pretrain":
+    spec = STAGES[stage]
+    if spec.ranks:
         lines += [f"--nodes={s.nodes}", f"--ntasks-per-node={s.tasks_per_node}", f"--cpus-per-task={s.cpus_per_task}",
                   f"--signal=USR1@{s.signal_seconds}", "--requeue", "--open-mode=append"]
         if s.gpus_per_node:
             lines.append(f"--gpus-per-node={s.gpus_per_node}")
     else:
         # With datatrove arrays the stage's own job only submits them and waits: one CPU is enough.
-        cpus = 1 if s.data_arrays and stage in ARRAY_STAGES else s.cpus_per_task
+        cpus = 1 if s.data_arrays and spec.datatrove else s.cpus_per_task
         lines += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={cpus}"]
-        if stage == "finetune" and s.gpus_per_node:
+        if spec.template == "finetune" and s.gpus_per_node:
             lines.append("--gpus-per-node=1")
     lines += [check_extra(i, option) for i, option in enumerate(s.extra_sbatch)]
     return [f"#SBATCH {line}" for line in lines]
@@ -165,7 +165,7 @@ def render(cfg: Config, stage: str) -> JobScript:
     if s.network_interface:
         check_value("network_interface", s.network_interface)
     config = slurm_dir(cfg) / SNAPSHOT
-    arrays = s.data_arrays and stage in ARRAY_STAGES
+    arrays = s.data_arrays and STAGES[stage].datatrove
     if arrays and not s.partition:
         raise ConfigError("`slurm.data_arrays` needs `slurm.partition`: datatrove writes it into every array job "
                           "(or set slurm.data_arrays: false)")
@@ -191,8 +191,7 @@ def render(cfg: Config, stage: str) -> JobScript:
         "signal_seconds": str(s.signal_seconds),
         "srun_options": f"--ntasks-per-node={s.tasks_per_node} --cpus-per-task={s.cpus_per_task}",
     }
-    template = "data" if stage in DATA_STAGES else stage
-    text = render_template(template, values)
+    text = render_template(STAGES[stage].template, values)
     return JobScript(stage, text, slurm_dir(cfg) / f"{stage}.sbatch", f"{slurm_dir(cfg) / 'logs'}/%x-%j.out")
 
 
