@@ -123,6 +123,9 @@ def build(cfg: Config) -> PretrainSetup:
     manifest = _read_manifest(paths["shards"])
     tokenizer_output(cfg)
     vocab = cfg.model.vocab_size or manifest["vocab_size"]
+    from dataprep.shard_verify import verify_shards
+
+    verify_shards(paths["shards"], cfg.shards.verify, vocab)  # before anything reads a token
     gcfg = GPTConfig.from_model_config(cfg.model, vocab)
     train = cfg.train
 
