@@ -144,7 +144,8 @@ def _verify_splits(shards_dir: Path, manifest: dict[str, Any], splits: tuple[str
             report.file_bytes += stat.st_size
             if "file_bytes" in entry and stat.st_size != entry["file_bytes"]:
                 raise ShardError(f"shard {path}: the manifest says {entry['file_bytes']} bytes, the file has "
-                                 f"{stat.st_size}; it was truncated or replaced: re-run `scratchgpt shard --force`")
+                                 f"{stat.st_size}; it was truncated or replaced: "
+                                 "re-run `scratchgpt shard CONFIG --force`")
             _check_metadata(path, manifest)
             if mode == "fast":
                 continue
@@ -160,7 +161,7 @@ def _verify_splits(shards_dir: Path, manifest: dict[str, Any], splits: tuple[str
                               "max_id": max_id}
             if actual != entry["sha256"]:
                 raise ShardError(f"shard {path} is damaged or was changed: the manifest says sha256 "
-                                 f"{entry['sha256']}, the file has {actual}; re-run `scratchgpt shard --force` "
+                                 f"{entry['sha256']}, the file has {actual}; re-run `scratchgpt shard CONFIG --force` "
                                  "(or restore the file)")
             if max_id >= limit:
                 raise ShardError(f"shard {path} holds token id {max_id}, outside the model's vocabulary of {limit} "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataprep.private import write_private
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.slurm_render import JOB_PREFIX, SNAPSHOT, JobScript, render, slurm_dir, snapshot_text
 
@@ -142,7 +143,7 @@ def prepare(cfg: Config) -> Path:
     """<workdir>/slurm with its logs folder and the config snapshot the jobs run; returns the folder."""
     base = slurm_dir(cfg)
     (base / "logs").mkdir(parents=True, exist_ok=True)
-    (base / SNAPSHOT).write_text(snapshot_text(cfg))
+    write_private(base / SNAPSHOT, snapshot_text(cfg))  # it holds slurm.setup and tracking.uri: owner only
     load_config(base / SNAPSHOT)  # the jobs will load it: fail here, not in the queue
     return base
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dataprep.private import private_sqlite_store
 from pipeline.config import Config
 
 # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are
@@ -35,6 +36,7 @@ def use_tracking(cfg: Config) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    private_sqlite_store(uri)  # the store holds params and tags: readable by its owner only
     if os.environ.get("MLFLOW_TRACKING_URI") != uri:
         _EXPORTED_BY_US.add(uri)
     mlflow.set_tracking_uri(uri)
