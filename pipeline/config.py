@@ -11,13 +11,14 @@ import glob
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
 from dataprep.errors import ScratchgptError
+from pipeline.slurm_values import option_problem, setup_problem, value_problem
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -33,6 +34,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _sbatch_option(option: str) -> str:
+    problem = option_problem(option)
+    if problem:
+        raise ValueError(problem)
+    return option
+
+
+SbatchOption = Annotated[str, AfterValidator(_sbatch_option)]
+
+
 class SlurmConfig(Section):
     """Slurm jobs (executor: slurm)."""
 
@@ -45,11 +56,29 @@ class SlurmConfig(Section):
     mem: str | None = Field(None, description="Memory per node, as sbatch takes it (e.g. 16G).")
     time: str = Field("01:00:00", description="Time limit per job, as sbatch takes it.")
     signal_seconds: int = Field(120, ge=1, description="USR1 this long before the limit: checkpoint, requeue.")
-    extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH options, one per item.")
+    extra_sbatch: list[SbatchOption] = Field(default_factory=list, description="More #SBATCH options, one per item.")
     setup: str | None = Field(None, description="Shell line run before each job step (module load, venv).")
     network_interface: str | None = Field(None, description="GLOO/NCCL_SOCKET_IFNAME for multi-node runs.")
     data_arrays: bool = Field(False, description="scratchgpt submit: prep and shard run their datatrove steps as "
                               "Slurm job arrays (false: inside the stage's own job, on its cpus_per_task CPUs).")
+
+    # Checked here, at load, because more than one writer puts them into batch scripts (submit's templates,
+    # datatrove's Slurm executor): nothing reaches either unchecked.
+    @field_validator("partition", "account", "mem", "time", "network_interface")
+    @classmethod
+    def _one_safe_token(cls, value: str | None, info: ValidationInfo) -> str | None:
+        problem = value_problem(info.field_name, value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _one_shell_line(cls, value: str | None) -> str | None:
+        problem = setup_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TrackingConfig(Section):
@@ -100,7 +129,7 @@ def _format_errors(err: ValidationError, path: Path | str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key `{key}`")
         else:
-            lines.append(f"  `{key}`: {e['msg']}{got_text}")
+            lines.append(f"  `{key}`: {e['msg'].removeprefix('Value error, ')}{got_text}")
     return "\n".join(dict.fromkeys(lines))
 
 

@@ -40,3 +40,48 @@ def test_the_mlflow_store_and_the_slurm_snapshot_are_created_owner_only(inputs: 
     assert mode_of(inputs / "w" / "mlflow.db") == 0o600
     assert (inputs / "w" / "mlflow.db").stat().st_size > 0  # MLflow made its tables in the file we created
     assert mode_of(snapshot) == 0o600
+
+
+# ---- Slurm values: checked when the config loads, whichever writer would use them
+
+
+@pytest.mark.parametrize(("key", "value"), [("mem", "4G\ntouch x"), ("time", "1:00:00 && id"), ("account", "a b"),
+                                            ("partition", "debug\n#SBATCH --wrap=id")])
+def test_slurm_values_for_the_datatrove_executor_are_refused_at_load(inputs: Path, key: str, value: str) -> None:
+    import json
+
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"`slurm\.{key}`: .* is not allowed in a batch script"):
+        load_config(None, [f"workdir={inputs / 'w'}", "data.inputs=[in.jsonl]", "executor=slurm",
+                           f"slurm.{key}={json.dumps(value)}"])
+
+
+def test_a_setup_line_with_a_line_break_is_refused_at_load(inputs: Path) -> None:
+    from pipeline.config import ConfigError
+
+    (inputs / "c.yaml").write_text("data: {inputs: [in.jsonl]}\nexecutor: slurm\nslurm:\n  partition: debug\n"
+                                   "  setup: |\n    module load python\n    touch /tmp/x\n")
+    with pytest.raises(ConfigError, match=r"`slurm\.setup`: must be one line"):
+        load_config(inputs / "c.yaml")
+
+
+@pytest.mark.parametrize(("option", "owned"), [
+    ("--dep=afterok:1", "dependency"), ("--outp=/tmp/x", "output"), ("--ch=/tmp", "chdir"), ("--arr=1-9", "array"),
+    ("--job=x", "job-name"), ("--open=truncate", "open-mode"), ("--workdir=/tmp", "workdir"),
+    ("-o/tmp/x", "output"), ("-J", "job-name"), ("-HJname", "job-name"), ("-d", "dependency"),
+    ("-N2", "nodes"), ("-kDx", "chdir"),
+])
+def test_extra_sbatch_options_are_read_as_sbatch_reads_them(inputs: Path, option: str, owned: str) -> None:
+    import json
+
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"`slurm\.extra_sbatch\.1`: --{owned}\b.* is set by scratchgpt itself"):
+        load_config(None, ["data.inputs=[in.jsonl]", f"slurm.extra_sbatch={json.dumps(['--exclusive', option])}"])
+
+
+def test_extra_sbatch_options_of_the_users_own_pass(inputs: Path) -> None:
+    options = ["--exclusive", "--export=ALL", "--nodelist=n1", "--ntasks-per-gpu=1", "-pdebug", "-Hv",
+               "--constraint=avx512", "--qos=high", "--gres=gpu:2"]
+    assert load_config(None, ["data.inputs=[in.jsonl]", f"slurm.extra_sbatch={options}"]).slurm.extra_sbatch == options
