@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
 from dataprep.errors import ScratchgptError
+from dataprep.names import Name
 from pipeline.slurm_values import option_problem, setup_problem, value_problem
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
@@ -85,7 +86,7 @@ class TrackingConfig(Section):
     """MLflow tracking."""
 
     uri: str | None = Field(None, description="None: sqlite:///<workdir>/mlflow.db (or $MLFLOW_TRACKING_URI).")
-    experiment: str = Field("scratchgpt", description="MLflow experiment name.")
+    experiment: Name = Field("scratchgpt", description="MLflow experiment name.")
 
 
 class Config(Section):

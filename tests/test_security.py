@@ -85,3 +85,28 @@ def test_extra_sbatch_options_of_the_users_own_pass(inputs: Path) -> None:
     options = ["--exclusive", "--export=ALL", "--nodelist=n1", "--ntasks-per-gpu=1", "-pdebug", "-Hv",
                "--constraint=avx512", "--qos=high", "--gres=gpu:2"]
     assert load_config(None, ["data.inputs=[in.jsonl]", f"slurm.extra_sbatch={options}"]).slurm.extra_sbatch == options
+
+
+# ---- names that become path components
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/anywhere", "a/b", ".hidden", "a b", "", "-rf"])
+def test_a_task_name_that_is_not_a_plain_name_is_refused(inputs: Path, name: str) -> None:
+    import json
+
+    from pipeline.config import ConfigError
+
+    (inputs / "t.tsv").write_text("text\tlabel\na\tb\n")
+    task = {"name": name, "train": "t.tsv", "eval": "t.tsv"}
+    with pytest.raises(ConfigError, match=r"`finetune\.tasks\.0\.name`: .* is not a plain name") as err:
+        load_config(None, [f"workdir={inputs / 'w'}", "data.inputs=[in.jsonl]", f"finetune.tasks=[{json.dumps(task)}]"])
+    assert "[A-Za-z0-9][A-Za-z0-9._-]*" in str(err.value)
+    assert not (inputs / "w").exists()  # refused before anything is written
+
+
+def test_an_experiment_name_that_is_not_a_plain_name_is_refused(inputs: Path) -> None:
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`tracking\.experiment`: '\.\./x' is not a plain name"):
+        load_config(None, ["data.inputs=[in.jsonl]", "tracking.experiment=../x"])
+    assert load_config(None, ["data.inputs=[in.jsonl]", "tracking.experiment=sweep-2.v1_a"]).tracking.experiment

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dataprep.names import Name
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -72,7 +74,7 @@ class TrainConfig(Section):
 class TaskConfig(Section):
     """One fine-tuning task."""
 
-    name: str = Field(description="Task name: its folder under <workdir>/finetune and its MLflow run.")
+    name: Name = Field(description="Task name: its folder under <workdir>/finetune and its MLflow run.")
     kind: str = Field("classification", description="classification, sft, or a registered task name.")
     train: str = Field(description="Training file (.tsv, .csv, .jsonl, .parquet) or builtin:python-docs-kind/train.")
     eval: str = Field(description="Evaluation file, as train.")
