@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
 from dataprep.errors import ScratchgptError
 from dataprep.names import Name
+from pipeline.redact import redact
 from pipeline.slurm_values import option_problem, setup_problem, value_problem
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
@@ -126,7 +127,7 @@ def _format_errors(err: ValidationError, path: Path | str) -> str:
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "literal[")))
         key = key.replace(".LengthFilter", "").replace(".MinhashConfig", "")
         got = e.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_text = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key `{key}`")
         else:

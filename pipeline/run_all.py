@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.redact import redact
 from pipeline.stages import STAGES, is_complete
 from pipeline.tracking import stage_run, tracking_uri
 
@@ -60,7 +61,7 @@ def sample_lines(export: Path, prompt: str, tokens: int = 60, seed: int = 0) -> 
 def closing_report(cfg: Config) -> str:
     """Where the model, the MLflow store and the fine-tuned tasks are, and a few generated lines."""
     work = Path(cfg.workdir).resolve()
-    uri = tracking_uri(cfg)
+    uri = redact(tracking_uri(cfg))
     lines = ["", "=" * 72, f"Workdir:        {work}"]
     export = work / "pretrain" / "export"
     if (export / "config.json").is_file():

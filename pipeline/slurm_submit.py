@@ -26,6 +26,7 @@ from typing import Any
 
 from dataprep.private import write_private
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.redact import redact
 from pipeline.slurm_render import JOB_PREFIX, SNAPSHOT, JobScript, render, slurm_dir, snapshot_text
 
 JOBS_FILE = "jobs.json"
@@ -104,7 +105,7 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
             after = [f"<{s.stage} job id>" for s in scripts[:i]]
             dep = f" --dependency=afterok:{':'.join(after)} --kill-on-invalid-dep=yes" if after else ""
             print(f"# ---- {script.path} (sbatch --parsable{dep} {script.path})", file=out)
-            print(script.text, file=out)
+            print(redact(script.text), file=out)  # the script written for sbatch keeps the real values
         print(f"# dry run: nothing written or submitted; the jobs would run {slurm_dir(cfg) / SNAPSHOT}", file=out)
         return sub
     if shutil.which("sbatch") is None:

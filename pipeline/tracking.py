@@ -15,6 +15,7 @@ from typing import Any
 
 from dataprep.private import private_sqlite_store
 from pipeline.config import Config
+from pipeline.redact import redact, split_credentials
 
 # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are
 # remembered, so that a second config in the same process (another workdir) is not sent to the first's store.
@@ -24,10 +25,10 @@ _EXPORTED_BY_US: set[str] = set()
 def tracking_uri(cfg: Config) -> str:
     """`tracking.uri`, else $MLFLOW_TRACKING_URI as the user set it, else the workdir's sqlite store."""
     if cfg.tracking.uri:
-        return cfg.tracking.uri
+        return split_credentials(cfg.tracking.uri)  # a password moves to MLflow's variables, out of the URI
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env and env not in _EXPORTED_BY_US:
-        return env
+        return split_credentials(env)
     return f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}"
 
 
@@ -62,7 +63,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: str(tree)[:6000]}
+    return {prefix[:-1]: redact(str(tree))[:6000]}  # params are shown to everyone who can read the store
 
 
 def setup_experiment(cfg: Config) -> str:

@@ -110,3 +110,46 @@ def test_an_experiment_name_that_is_not_a_plain_name_is_refused(inputs: Path) ->
     with pytest.raises(ConfigError, match=r"`tracking\.experiment`: '\.\./x' is not a plain name"):
         load_config(None, ["data.inputs=[in.jsonl]", "tracking.experiment=../x"])
     assert load_config(None, ["data.inputs=[in.jsonl]", "tracking.experiment=sweep-2.v1_a"]).tracking.experiment
+
+
+# ---- secrets: planted in the config, looked for in the real MLflow store and in everything printed
+
+SECRETS = ("planted-pw-1", "planted-tok-2", "planted-key-3")
+
+
+def test_planted_secrets_reach_neither_the_mlflow_store_nor_the_terminal(
+        inputs: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+    from test_runs_server import mlflow_server
+
+    from pipeline.config import Config
+    from pipeline.run_all import closing_report
+    from pipeline.slurm_submit import submit
+    from pipeline.tracking import stage_run
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # undone after the test: the URI's credentials land here
+    with mlflow_server(inputs) as uri:
+        cfg = load_config(None, [
+            f"workdir={inputs / 'w'}", "data.inputs=[in.jsonl]", "tracking.experiment=secrets",
+            f"tracking.uri={uri.replace('http://', 'http://scratch:planted-pw-1@')}",
+            'slurm.setup="export HF_TOKEN=planted-tok-2 && module load python"', "slurm.partition=debug",
+            'slurm.extra_sbatch=["--export=ALL,WANDB_API_KEY=planted-key-3"]',
+        ])
+        # What `scratchgpt run` logs: every section of the config as params of the pipeline run.
+        with stage_run(cfg, "pipeline", sections=tuple(Config.model_fields)) as run:
+            run_id = run.info.run_id
+        print(closing_report(cfg))
+        submit(cfg, dry_run=True)  # prints every batch script
+        params = mlflow.MlflowClient(uri).get_run(run_id).data.params
+    assert params["tracking.uri"] == uri.replace("http://", "http://scratch:****@")
+    assert params["slurm.setup"] == "export HF_TOKEN=**** && module load python"
+    assert "WANDB_API_KEY=****" in params["slurm.extra_sbatch"]
+    printed = capfd.readouterr()
+    assert "View run" in printed.out and "#SBATCH" in printed.out  # the output looked for is really there
+    stored = b"".join(p.read_bytes() for p in inputs.rglob("*")  # the server's store, journal and artifacts
+                      if p.is_file() and ("server.db" in p.name or "artifacts" in p.parts))
+    assert b"slurm.setup" in stored  # the server's sqlite store holds the params
+    for secret in SECRETS:
+        assert secret not in printed.out + printed.err
+        assert secret.encode() not in stored
