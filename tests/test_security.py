@@ -153,3 +153,37 @@ def test_planted_secrets_reach_neither_the_mlflow_store_nor_the_terminal(
     for secret in SECRETS:
         assert secret not in printed.out + printed.err
         assert secret.encode() not in stored
+
+
+# ---- text in: not UTF-8, or nothing at all
+
+
+def scratchgpt_cli(args: list[str | bytes], stdin: bytes = b"") -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from train_helpers import cli_env
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True,
+                          env={**cli_env(), "LC_ALL": "C"}, timeout=120)  # C locale: stdin with surrogateescape
+    return done.returncode, done.stderr.decode("utf-8", errors="replace")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    rc, err = scratchgpt_cli(["generate", "--model", str(tmp_path), "--prompt", b"first line\nsecond \xff line"])
+    assert rc == 2 and err.strip() == \
+        "scratchgpt generate: --prompt: line 2 is not valid UTF-8 (byte 0xff at character 8)"
+
+
+def test_predict_input_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_bytes(b"a fine line\n\nbad \xc3\x28 byte\n")
+    for args, stdin, name in ((["--file", str(tmp_path / "in.txt")], b"", str(tmp_path / "in.txt")),
+                              ([], (tmp_path / "in.txt").read_bytes(), "stdin")):
+        rc, err = scratchgpt_cli(["predict", "--model", str(tmp_path), *args], stdin)
+        assert rc == 2 and err.strip() == \
+            f"scratchgpt predict: {name}:3: not valid UTF-8 (byte 0xc3 at byte 5 of the line)"
+
+
+def test_empty_predict_input_says_so(tmp_path: Path) -> None:
+    rc, err = scratchgpt_cli(["predict", "--model", str(tmp_path)], b"\n  \n")
+    assert rc == 2 and "stdin: no text to label: the input is empty" in err and len(err.strip().splitlines()) == 1
