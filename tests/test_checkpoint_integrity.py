@@ -128,3 +128,53 @@ def test_a_checkpoint_engine_not_made_safe_is_refused(trained: Path, tmp_path: P
     trainer.eng.engine.checkpoint_engine.__class__ = PluginEngine
     with pytest.raises(CheckpointError, match="PluginEngine would load checkpoints with unrestricted pickle"):
         trainer.resume()
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_intact_checkpoint_to_resume_from(base: Path, tmp_path: Path) -> None:
+    """Rank 0 checks the hashes and decides for both (a broadcast): rank 1's own file is the damaged one."""
+    import socket
+    import subprocess
+    import sys
+
+    from train_helpers import TINY, cli_env, write_yaml
+
+    workdir = tmp_path / "two"
+    copy_inputs(base, workdir)
+    config = write_yaml(tmp_path / "two.yaml", [f"workdir={workdir}", "tokenizer.vocab_size=300",
+                                                "tracking.experiment=t", *TINY, "train.max_steps=4",
+                                                "train.checkpoint_every=2", "train.eval_every=100"])
+
+    def torchrun() -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
+                               f"--master_port={port}", "-m", "pipeline.cli", "pretrain", str(config)],
+                              capture_output=True, text=True, timeout=300, env=cli_env())
+
+    first = torchrun()
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = workdir / "pretrain" / "checkpoints"
+    (workdir / "pretrain" / "_COMPLETE.json").unlink()  # as if the job had died before the stage was marked done
+    damaged = next((ckpts / "step_00000004").glob("*zero_pp_rank_1_*optim_states.pt"))
+    flip_one_byte(damaged)
+    second = torchrun()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"checkpoint file {damaged} is damaged" in second.stdout
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in second.stdout
+    assert checkpoint.read_meta(ckpts, "step_00000004")["step"] == 4  # rewritten whole by the resumed run
+    from training.checkpoint_integrity import verify
+
+    verify(ckpts, "step_00000004")
+
+
+def test_export_refuses_a_damaged_checkpoint_naming_the_file(trained: Path, tmp_path: Path) -> None:
+    workdir = copy_of(trained, tmp_path)
+    ckpts = workdir / "pretrain" / "checkpoints"
+    damaged = next((ckpts / "step_00000004").glob("*optim_states.pt"))
+    flip_one_byte(damaged)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {damaged} is damaged"):
+        checkpoint.full_state_dict(ckpts)
+    weights, meta = checkpoint.full_state_dict(ckpts, "step_00000002")  # the intact one still exports
+    assert meta["step"] == 2 and weights

@@ -282,7 +282,9 @@ def full_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict[
         tag = latest_tag(ckpt_dir)
         if tag is None:
             raise CheckpointError(f"no checkpoint in {ckpt_dir}: the file `latest` is missing")
-    meta = read_meta(ckpt_dir, tag)
+    from training.checkpoint_integrity import verify
+
+    meta = verify(ckpt_dir, tag)  # sizes and sha256: a damaged checkpoint is never exported or sampled from
     tag_dir = ckpt_dir / tag
     model_files = sorted(tag_dir.glob("*model_states.pt"), key=_rank_of)
     if not model_files:
