@@ -184,3 +184,13 @@ class ShardsConfig(Section):
     compression: Literal["none", "zstd"] = Field(
         "none", description="zstd makes shards smaller for archiving but they can no longer be memory-mapped."
     )
+    verify: Literal["full", "fast", "off"] = Field(
+        "full", description="Checks before pretraining trusts the shards: full (sha256 against the manifest, "
+        "schema metadata, largest token id; cached by size and mtime), fast (sizes and metadata), off."
+    )
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true)."""
+        return {False: "off", True: "full"}.get(value, value) if isinstance(value, bool) else value

@@ -11,14 +11,17 @@ import glob
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from dataprep.config import DataConfig, PrepConfig, ShardsConfig, TokenizerConfig
 from dataprep.errors import ScratchgptError
+from dataprep.names import Name
 from dataprep.schema import Section
+from pipeline.redact import redact
+from pipeline.slurm_values import option_problem, setup_problem, value_problem
 from training.config import FinetuneConfig, ModelConfig, TrainConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -30,6 +33,16 @@ class ConfigError(ScratchgptError, ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
+
+
+def _sbatch_option(option: str) -> str:
+    problem = option_problem(option)
+    if problem:
+        raise ValueError(problem)
+    return option
+
+
+SbatchOption = Annotated[str, AfterValidator(_sbatch_option)]
 
 
 class SlurmConfig(Section):
@@ -44,18 +57,41 @@ class SlurmConfig(Section):
     mem: str | None = Field(None, description="Memory per node, as sbatch takes it (e.g. 16G).")
     time: str = Field("01:00:00", description="Time limit per job, as sbatch takes it.")
     signal_seconds: int = Field(120, ge=1, description="USR1 this long before the limit: checkpoint, requeue.")
-    extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH options, one per item.")
+    extra_sbatch: list[SbatchOption] = Field(default_factory=list, description="More #SBATCH options, one per item.")
     setup: str | None = Field(None, description="Shell line run before each job step (module load, venv).")
     network_interface: str | None = Field(None, description="GLOO/NCCL_SOCKET_IFNAME for multi-node runs.")
     data_arrays: bool = Field(False, description="scratchgpt submit: prep and shard run their datatrove steps as "
                               "Slurm job arrays (false: inside the stage's own job, on its cpus_per_task CPUs).")
+
+    # Checked here, at load, because more than one writer puts them into batch scripts (submit's templates,
+    # datatrove's Slurm executor): nothing reaches either unchecked.
+    @field_validator("partition", "account", "mem", "time", "network_interface")
+    @classmethod
+    def _one_safe_token(cls, value: str | None, info: ValidationInfo) -> str | None:
+        problem = value_problem(info.field_name, value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _one_shell_line(cls, value: str | None) -> str | None:
+        problem = setup_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TrackingConfig(Section):
     """MLflow tracking."""
 
     uri: str | None = Field(None, description="None: sqlite:///<workdir>/mlflow.db (or $MLFLOW_TRACKING_URI).")
-    experiment: str = Field("scratchgpt", description="MLflow experiment name.")
+    experiment: Name = Field("scratchgpt", description="MLflow experiment name.")
+
+
+# Keys that do not change what a stage makes, so a change of them resumes or skips rather than redoes:
+# how hard shards are checked before training reads them.
+NOT_IDENTITY: dict[str, Any] = {"shards": {"verify"}}
 
 
 class Config(Section):
@@ -80,10 +116,13 @@ class Config(Section):
     # directory the command runs in, as users expect from a CLI.
     source: Path | None = Field(None, exclude=True)
 
+    def section_dump(self, *sections: str) -> dict[str, Any]:
+        """Some sections as JSON, without the keys that do not change what a stage makes (NOT_IDENTITY)."""
+        return self.model_dump(mode="json", include=set(sections), exclude=NOT_IDENTITY)
+
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections, for completion markers and run tags."""
-        dump = self.model_dump(mode="json", include=set(sections))
-        text = json.dumps(dump, sort_keys=True)
+        text = json.dumps(self.section_dump(*sections), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -111,7 +150,7 @@ def _format_errors(err: ValidationError, path: Path | str) -> str:
     lines = [f"{path}: invalid config"]
     for e in errors:
         key, got = _key(e["loc"]), e.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_text = "" if isinstance(got, dict) else f" (got {redact(repr(got))})"
         union = next((b for b in branchy if key == b or key.startswith(b + ".")), None)
         if union is not None:
             if any(str(p).startswith("literal[") for p in e["loc"]):

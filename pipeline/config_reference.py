@@ -30,6 +30,8 @@ def _sections(annotation: Any) -> list[type[BaseModel]]:
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is typing.Annotated:  # a type with validators: the table shows the type
+        return _type_name(get_args(annotation)[0])
     if origin is Literal:
         return " or ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in get_args(annotation))
     if origin in (typing.Union, types.UnionType):

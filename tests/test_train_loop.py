@@ -118,12 +118,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(base: Path, 
     with pytest.raises(NonFiniteLoss) as err:
         trainer.run()
     bad = trainer.step + 1
-    assert f"at step {bad}" in str(err.value) and str(trainer.ckpt_dir) in str(err.value)
-    tag = checkpoint.latest_tag(trainer.ckpt_dir)
-    assert tag == checkpoint.tag_for(trainer.step)
-    weights, meta = checkpoint.full_state_dict(trainer.ckpt_dir)
-    assert meta["step"] == bad - 1
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert f"at step {bad}" in str(err.value) and "no checkpoint holds a good state" in str(err.value)
+    # The state the bad step started from gave the non-finite loss: it is not saved as "last good".
+    assert checkpoint.latest_tag(trainer.ckpt_dir) is None
+    assert not list(trainer.ckpt_dir.glob("step_*"))  # nothing was saved: checkpoint_every is 1000
 
 
 def test_refused_resumes_fail_before_loading(base: Path, tmp_path: Path) -> None:
@@ -138,7 +136,7 @@ def test_refused_resumes_fail_before_loading(base: Path, tmp_path: Path) -> None
     optim = next(tag_dir.glob("*optim_states.pt"))
     optim.write_bytes(b"\0" * optim.stat().st_size)  # same size, garbage inside
     trainer = build(tiny_config(workdir)).trainer
-    with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt cannot be read"):
+    with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt is damaged: sha256"):
         trainer.resume()
     optim.unlink()
     with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt is missing"):

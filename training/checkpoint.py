@@ -12,7 +12,8 @@ not to (`save_latest=False`); after a barrier rank 0 writes `scratchgpt.json`
 `os.replace`. A checkpoint without `scratchgpt.json` is never pointed at.
 
 Files are read with `torch.load(weights_only=True)`; the two DeepSpeed classes a
-ZeRO checkpoint holds are allow-listed by name, nothing else unpickles.
+ZeRO checkpoint holds are allow-listed by name, nothing else unpickles. `scratchgpt.json` also
+holds every file's sha256 (training.checkpoint_integrity checks them on resume).
 """
 
 from __future__ import annotations
@@ -164,17 +165,28 @@ def safe_load(path: str | Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"checkpoint file {path} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
+# DeepSpeed checkpoint engines whose `load` is one torch.load of one finished file, so `safe_load` can stand in.
+# The decoupled (asynchronous) and DataStates engines are not: refused rather than left on full pickle.
+SAFE_ENGINES = ("TorchCheckpointEngine", "FastCheckpointEngine")
+
+
 def _install_safe_checkpoint_engine(engine: Any) -> None:
-    """Make DeepSpeed read checkpoints through `safe_load` instead of unrestricted pickle."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return safe_load(path)
-
+    """Make DeepSpeed read checkpoints through `safe_load` instead of unrestricted pickle, or refuse."""
     current = engine.checkpoint_engine
-    if type(current) is TorchCheckpointEngine:
-        current.__class__ = SafeTorchCheckpointEngine
+    cls = type(current)
+    if getattr(cls, "scratchgpt_safe", False):
+        return
+    if cls.__name__ not in SAFE_ENGINES or not cls.__module__.startswith("deepspeed.runtime.checkpoint_engine."):
+        raise CheckpointError(
+            f"DeepSpeed checkpoint engine {cls.__module__}.{cls.__name__} would load checkpoints with "
+            f"unrestricted pickle; scratchgpt loads only through {', '.join(SAFE_ENGINES)}",
+            hint="remove the train.deepspeed keys that select another checkpoint engine (checkpoint.writer, "
+                 "datastates_ckpt)")
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        return safe_load(path)
+
+    current.__class__ = type(f"Safe{cls.__name__}", (cls,), {"load": load, "scratchgpt_safe": True})
 
 
 # ---------------------------------------------------------------- save / load
@@ -191,11 +203,14 @@ def save(eng: Any, ckpt_dir: str | Path, step: int, client: dict[str, Any], meta
     if dist.is_initialized():
         dist.barrier()  # every rank's files are closed before rank 0 declares the checkpoint whole
     if eng.dist.is_main:
+        from training.checkpoint_integrity import drop_recovery_scripts, file_hashes
+
+        drop_recovery_scripts(ckpt_dir)
         tag_dir = ckpt_dir / tag
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != META}
         body = {**meta, "step": step, "tag": tag, "world_size": eng.dist.world_size,
                 "zero_stage": eng.ds_config["zero_optimization"]["stage"], "precision": eng.precision,
-                "files": files}
+                "files": files, "sha256": file_hashes(tag_dir, files)}
         _atomic_write(tag_dir / META, json.dumps(body, indent=2))
         _atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=tag)
@@ -267,7 +282,9 @@ def full_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict[
         tag = latest_tag(ckpt_dir)
         if tag is None:
             raise CheckpointError(f"no checkpoint in {ckpt_dir}: the file `latest` is missing")
-    meta = read_meta(ckpt_dir, tag)
+    from training.checkpoint_integrity import verify
+
+    meta = verify(ckpt_dir, tag)  # sizes and sha256: a damaged checkpoint is never exported or sampled from
     tag_dir = ckpt_dir / tag
     model_files = sorted(tag_dir.glob("*model_states.pt"), key=_rank_of)
     if not model_files:

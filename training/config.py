@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from dataprep.names import Name
 from dataprep.schema import Section
 
 
@@ -70,7 +71,7 @@ class TrainConfig(Section):
 class TaskConfig(Section):
     """One fine-tuning task."""
 
-    name: str = Field(description="Task name: its folder under <workdir>/finetune and its MLflow run.")
+    name: Name = Field(description="Task name: its folder under <workdir>/finetune and its MLflow run.")
     kind: str = Field("classification", description="classification, sft, or a registered task name.")
     train: str = Field(description="Training file (.tsv, .csv, .jsonl, .parquet) or builtin:python-docs-kind/train.")
     eval: str = Field(description="Evaluation file, as train.")

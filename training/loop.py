@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import ScratchgptError
-from training import checkpoint
+from training import checkpoint, checkpoint_integrity
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
@@ -92,7 +92,7 @@ class Trainer:
 
     def resume(self) -> str | None:
         """Continue from the newest complete checkpoint, if there is one. Returns its tag."""
-        tag = checkpoint.latest_tag(self.ckpt_dir)
+        tag = checkpoint_integrity.resume_tag(self.ckpt_dir, self.eng.dist.is_main)  # skips damaged ones
         if tag is None:
             return None
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
@@ -129,7 +129,6 @@ class Trainer:
         device = self.eng.dist.device
         world = self.eng.dist.world_size
         accum = self.train_cfg.grad_accum
-        loader_before = self.loader.state_dict()
         total = 0.0
         stop = False
         for micro in range(accum):
@@ -140,23 +139,23 @@ class Trainer:
             loss_sum, stop_votes, used_sum = self._all_reduce([loss.item(), flag, clock()])
             self.budget_used_s = used_sum / world
             if not math.isfinite(loss_sum):
-                self._nonfinite(loss_sum / world, loader_before)
+                self._nonfinite(loss_sum / world)
             engine.backward(loss)
             engine.step()
             total += loss_sum / world
             stop = stop_votes > 0
         return total / accum, stop
 
-    def _nonfinite(self, value: float, loader_before: dict[str, Any]) -> None:
-        """Stop before the bad loss reaches the weights; checkpoint the state the step started from."""
+    def _nonfinite(self, value: float) -> None:
+        """Stop before the bad loss reaches the weights. The state this step started from gave the bad loss,
+        so it is never saved as good (a checkpoint of it is marked bad); the newest earlier one is named."""
         bad_step = self.step + 1
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        if tag != checkpoint.tag_for(self.step):
-            tag = self.save(loader_before)
+        tag = checkpoint_integrity.reject_nonfinite(self.ckpt_dir, self.step, value, self.eng.dist.is_main)
+        good = (f"the last good state is checkpoint {self.ckpt_dir / tag}" if tag else
+                "no checkpoint holds a good state, so a rerun starts from step 0")
         raise NonFiniteLoss(
-            f"loss is {value} at step {bad_step}; training stopped. The last good state (step {self.step}) is "
-            f"checkpoint {self.ckpt_dir / tag}. Lower train.lr, raise train.warmup_steps or check the data, "
-            "then run again to resume from it."
+            f"loss is {value} at step {bad_step}; training stopped, and {good}. Lower train.lr, raise "
+            "train.warmup_steps or check the data, then run again."
         )
 
     # ------------------------------------------------------------ evaluation

@@ -84,9 +84,11 @@ def load_for_generation(path: Path, tokenizer_dir: Path | None) -> tuple[Any, Pa
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from dataprep.text_input import check_utf8
     from training.sampling import check_sampling_args, stream_text
 
     try:
+        check_utf8(args.prompt, "--prompt")
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")

@@ -48,9 +48,11 @@ def predict(folder: Path, texts: list[str], batch_size: int = 64) -> list[dict[s
 
 def cmd_predict(args: argparse.Namespace) -> int:
     try:
-        source = args.file.open(encoding="utf-8") if args.file else sys.stdin
+        from dataprep.text_input import read_text_lines
+
+        source = args.file.open("rb") if args.file else sys.stdin.buffer
         with source:
-            texts = [line.rstrip("\n") for line in source if line.strip()]
+            texts = read_text_lines(source, str(args.file or "stdin"))  # UTF-8, not empty, or one line naming it
         rows = predict(args.model, texts, args.batch_size)
     except (OSError, ValueError) as exc:  # a missing file or model, not a classifier export, bad UTF-8
         print(f"scratchgpt predict: {exc}", file=sys.stderr)

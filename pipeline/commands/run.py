@@ -20,6 +20,7 @@ from pipeline.core.runner import run_stage
 from pipeline.core.stages import STAGES
 from pipeline.core.tracking import stage_run, tracking_uri
 from pipeline.core.workdir import workdir_of
+from pipeline.redact import redact
 
 PARENT_ENV = "SCRATCHGPT_PARENT_RUN_ID"
 
@@ -89,7 +90,7 @@ def closing_report(cfg: Config) -> str:
     """Where the model, the MLflow store and the fine-tuned tasks are, and a few generated lines."""
     paths = workdir_of(cfg)
     work = paths.root.resolve()
-    uri = tracking_uri(cfg)
+    uri = redact(tracking_uri(cfg))
     lines = ["", "=" * 72, f"Workdir:        {work}"]
     export = paths.export.resolve()
     if (export / "config.json").is_file():

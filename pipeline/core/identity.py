@@ -89,7 +89,7 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     custom = stage.hook("identity_config")
     if custom is not None:
         return custom(cfg)
-    return cfg.model_dump(mode="json", include=set(stage.sections))
+    return cfg.section_dump(*stage.sections)
 
 
 def compute(cfg: Config, name: str) -> Identity:

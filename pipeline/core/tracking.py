@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dataprep.private import private_sqlite_store
 from pipeline.config import Config
+from pipeline.redact import redact, split_credentials
 
 # Tag names, written here and by the stages, read by `scratchgpt runs` (pipeline.runs).
 STAGE_TAG = "stage"
@@ -38,10 +40,10 @@ _EXPORTED_BY_US: set[str] = set()
 def tracking_uri(cfg: Config) -> str:
     """`tracking.uri`, else $MLFLOW_TRACKING_URI as the user set it, else the workdir's sqlite store."""
     if cfg.tracking.uri:
-        return cfg.tracking.uri
+        return split_credentials(cfg.tracking.uri)  # a password moves to MLflow's variables, out of the URI
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env and env not in _EXPORTED_BY_US:
-        return env
+        return split_credentials(env)
     return f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}"
 
 
@@ -50,6 +52,7 @@ def use_tracking(cfg: Config) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    private_sqlite_store(uri)  # the store holds params and tags: readable by its owner only
     if os.environ.get("MLFLOW_TRACKING_URI") != uri:
         _EXPORTED_BY_US.add(uri)
     mlflow.set_tracking_uri(uri)
@@ -75,7 +78,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: str(tree)[:6000]}
+    return {prefix[:-1]: redact(str(tree))[:6000]}  # params are shown to everyone who can read the store
 
 
 def setup_experiment(cfg: Config) -> str:

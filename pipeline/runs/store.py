@@ -89,6 +89,9 @@ def open_store(uri: str, experiment: str | None) -> Store:
     """A client on `uri` and the experiments to search: the named one, or every active one."""
     import mlflow
 
+    from pipeline.redact import redact, split_credentials
+
+    uri = split_credentials(uri)  # the password goes to MLflow's variables: no message below can show it
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         # Opening a missing sqlite file would create an empty store and report "no runs".
@@ -99,7 +102,7 @@ def open_store(uri: str, experiment: str | None) -> Store:
     try:
         experiments = client.search_experiments()
     except Exception as exc:  # an unreachable server or a store that is not MLflow's
-        raise RunsError(f"cannot read the MLflow store {uri}: {exc}") from None
+        raise RunsError(f"cannot read the MLflow store {uri}: {redact(str(exc))}") from None
     names = {e.experiment_id: e.name for e in experiments}
     if experiment is None:
         return Store(uri, client, list(names), names)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,26 +26,12 @@ import yaml
 
 from pipeline.config import Config, ConfigError
 from pipeline.core.stages import STAGES
+from pipeline.slurm_values import option_problem, setup_problem, value_problem
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
 SNAPSHOT = "config.yaml"
 JOB_PREFIX = "scratchgpt-"
 
-# What an #SBATCH value may be: one token, no whitespace, quotes, `$`, backquote, `;`, `&`, `|`, `#`,
-# redirections or `%` (Slurm expands %-patterns in some options).
-_TOKEN = r"[A-Za-z0-9_.,:+=/@-]+"
-PATTERNS: dict[str, tuple[str, str]] = {
-    "partition": (r"[A-Za-z0-9_.,-]+", "partition names separated by commas"),
-    "account": (r"[A-Za-z0-9_.-]+", "an account name"),
-    "time": (r"(?:\d+-)?\d+(?::\d+){0,2}|\d+-\d+|UNLIMITED|INFINITE|unlimited|infinite",
-             "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
-    "mem": (r"\d+[KMGT]?B?", "a size such as 16G or 4000M"),
-    "network_interface": (r"[A-Za-z0-9_.:-]+(?:,[A-Za-z0-9_.:-]+)*", "interface names separated by commas"),
-}
-_EXTRA = re.compile(r"--([a-z][a-z0-9-]*)(?:=(" + _TOKEN + r"))?")
-# Options the scripts set themselves (or that would replace the script): refused in extra_sbatch.
-_OWNED = {"wrap", "output", "error", "job-name", "chdir", "dependency", "kill-on-invalid-dep", "array", "nodes",
-          "ntasks", "ntasks-per-node", "signal", "requeue", "no-requeue", "open-mode", "parsable", "export-file"}
 _PATH_SAFE = re.compile(r"/[A-Za-z0-9_.,+=/@:-]*")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -65,34 +49,23 @@ class JobScript:
 
 def check_value(key: str, value: str) -> str:
     """`value` if it is safe on an #SBATCH line for `slurm.<key>`, else a ConfigError naming the key."""
-    pattern, what = PATTERNS[key]
-    if not re.fullmatch(pattern, value):
-        raise ConfigError(f"`slurm.{key}`: {value!r} is not allowed in a batch script (expected {what}, one token "
-                          "of letters, digits and . _ - , :)")
+    problem = value_problem(key, value)
+    if problem:
+        raise ConfigError(f"`slurm.{key}`: {problem}")
     return value
 
 
 def check_extra(index: int, option: str) -> str:
-    match = _EXTRA.fullmatch(option.strip())
-    if not match:
-        raise ConfigError(f"`slurm.extra_sbatch.{index}`: {option!r} is not one sbatch option of the form "
-                          "--name or --name=value (value one token of letters, digits and . _ - , : + = / @)")
-    if match.group(1) in _OWNED:
-        raise ConfigError(f"`slurm.extra_sbatch.{index}`: --{match.group(1)} is set by scratchgpt submit itself; "
-                          "use the matching slurm.* key or remove it")
+    problem = option_problem(option)
+    if problem:
+        raise ConfigError(f"`slurm.extra_sbatch.{index}`: {problem}")
     return option.strip()
 
 
 def check_setup(setup: str) -> str:
-    """The set-up line must be one line of valid shell; it runs as written (it is the user's own command)."""
-    if any(ch in setup for ch in "\n\r\0"):
-        raise ConfigError("`slurm.setup`: must be one line (no newline, carriage return or NUL); "
-                          "join commands with ; or &&")
-    bash = shutil.which("bash")
-    if bash:
-        out = subprocess.run([bash, "-n", "-c", setup], capture_output=True, text=True, timeout=10)
-        if out.returncode:
-            raise ConfigError(f"`slurm.setup`: not valid shell: {out.stderr.strip()}")
+    problem = setup_problem(setup)
+    if problem:
+        raise ConfigError(f"`slurm.setup`: {problem}")
     return setup
 
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataprep.private import write_private
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.redact import redact
 from pipeline.slurm.render import JOB_PREFIX, SNAPSHOT, JobScript, render, slurm_dir, snapshot_text
 
 JOBS_FILE = "jobs.json"
@@ -104,7 +106,7 @@ def submit(cfg: Config, dry_run: bool = False, out: Any = None) -> Submission:
             after = [f"<{s.stage} job id>" for s in scripts[:i]]
             dep = f" --dependency=afterok:{':'.join(after)} --kill-on-invalid-dep=yes" if after else ""
             print(f"# ---- {script.path} (sbatch --parsable{dep} {script.path})", file=out)
-            print(script.text, file=out)
+            print(redact(script.text), file=out)  # the script written for sbatch keeps the real values
         print(f"# dry run: nothing written or submitted; the jobs would run {slurm_dir(cfg) / SNAPSHOT}", file=out)
         return sub
     if shutil.which("sbatch") is None:
@@ -149,7 +151,7 @@ def prepare(cfg: Config) -> Path:
     """<workdir>/slurm with its logs folder and the config snapshot the jobs run; returns the folder."""
     base = slurm_dir(cfg)
     (base / "logs").mkdir(parents=True, exist_ok=True)
-    (base / SNAPSHOT).write_text(snapshot_text(cfg))
+    write_private(base / SNAPSHOT, snapshot_text(cfg))  # it holds slurm.setup and tracking.uri: owner only
     load_config(base / SNAPSHOT)  # the jobs will load it: fail here, not in the queue
     return base
 

@@ -106,6 +106,9 @@ def build(cfg: Config) -> PretrainSetup:
     manifest = _read_manifest(paths["shards"])
     tokenizer_output(cfg)
     vocab = cfg.model.vocab_size or manifest["vocab_size"]
+    from dataprep.shard_verify import verify_shards
+
+    verify_shards(paths["shards"], cfg.shards.verify, vocab)  # before anything reads a token
     gcfg = GPTConfig.from_model_config(cfg.model, vocab)
     train = cfg.train
 
@@ -208,8 +211,10 @@ def _log_run_inputs(cfg: Config, paths: dict[str, Path], eng: Any, n_params: int
                     world_size: int, estimate: dict[str, int]) -> None:
     import mlflow
 
+    from pipeline.redact import redact_tree
+
     rest = flatten(cfg.model_dump(mode="json", exclude={"model", "train"}))  # model/train come from stage_run
     mlflow.log_params({**rest, "n_params": n_params, "world_size": world_size, "precision": precision,
                        "memory_estimate_bytes": estimate["total"]})
-    mlflow.log_dict(eng.ds_config, "deepspeed_config.json")
+    mlflow.log_dict(redact_tree(eng.ds_config), "deepspeed_config.json")
     mlflow.log_artifacts(str(paths["tokenizer"]), "tokenizer")
