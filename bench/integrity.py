@@ -42,8 +42,8 @@ def emit(figure: str, **values: Any) -> None:
 
 def shakespeare_config(config: Path, folder: Path, overrides: list[str]) -> Any:
     """The bench config on nanoGPT's split of Tiny Shakespeare, prep/tokenizer/shard run through the stages."""
-    from pipeline.core.runner import run_stage
     from pipeline.config import load_config
+    from pipeline.core.runner import run_stage
 
     data = SHAKESPEARE.read_bytes()
     cut = int(len(data) * 0.9)

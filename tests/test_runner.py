@@ -231,7 +231,7 @@ def break_checkpoint(workdir: Path) -> None:
 
 @pytest.mark.parametrize(("case", "expected"), [
     ("shard", "is missing"),
-    ("vocab", "vocab_size 100 is smaller than the tokenizer's"),
+    ("vocab", "model.vocab_size is 100: ids 100 and up would have no embedding"),
     ("checkpoint", "step_00000004"),
     ("nan", "loss"),
     ("upstream", "no token shards"),

@@ -70,6 +70,7 @@ class StageContext:
             print(f"[{self.name}] warning: {text}", file=sys.stderr, flush=True)
 
 
+RANK_ERROR_GRACE_S = 10.0  # how long a rank other than 0 leaves rank 0 to report an error first
 _current: list[str] = []  # the stage running now, innermost last: the label of an error's line
 
 
@@ -301,8 +302,12 @@ def guard(label: str, fn: Callable[[], int | None], cfg_of: Callable[[], Config 
             cfg = cfg_of()
             exc = _disk_full(exc, Path(cfg.workdir) / where.split("/")[0] if cfg is not None else None)
         if isinstance(exc, ScratchgptError):
-            if is_main:
-                print(error_line(where, exc), file=sys.stderr, flush=True)
+            if not is_main:
+                # Usually every rank meets the same error: rank 0 prints it and exits, and the launcher (torchrun,
+                # srun --kill-on-bad-exit) stops this rank while it waits. Met by this rank alone, it is said here.
+                time.sleep(RANK_ERROR_GRACE_S)
+                where = f"{where} (rank {DistEnv.from_environ().rank})"
+            print(error_line(where, exc), file=sys.stderr, flush=True)
             return 2
         text = traceback.format_exc()
         log = _error_log(cfg_of(), where)
