@@ -62,8 +62,12 @@ def minhash_config(cfg: MinhashSection) -> MinhashConfig:
     )
 
 
-def minhash_signature(work: Path, cfg: MinhashSection) -> MinhashDedupSignature:
-    return MinhashDedupSignature(output_folder=str(work / "minhash_sigs"), config=minhash_config(cfg))
+def minhash_signature(work: Path, cfg: MinhashSection, language: str = "en") -> MinhashDedupSignature:
+    """Shingles are word n-grams, so the words come from the language's tokenizer (jieba for Chinese)."""
+    from dataprep.languages import resolve_language
+
+    return MinhashDedupSignature(output_folder=str(work / "minhash_sigs"), config=minhash_config(cfg),
+                                 language=resolve_language(language).tokenizer)
 
 
 def minhash_buckets(work: Path, cfg: MinhashSection) -> MinhashDedupBuckets:

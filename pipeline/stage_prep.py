@@ -72,7 +72,7 @@ def prepare_folder(cfg: Config, root: Path, key: str) -> None:
 
 def run_prep(cfg: Config) -> dict[str, Any]:
     """Run the prep sub-stages, write prep/stats.json, log counts to MLflow; returns the summary."""
-    from dataprep.prep import build_plan, check_invariant, collect_counts
+    from dataprep.prep import build_plan, check_invariant, collect_counts, outcome_warnings
     from dataprep.readers import MalformedRecordError
     from pipeline.executors import run_local, run_slurm
     from pipeline.tracking import stage_run
@@ -113,11 +113,18 @@ def run_prep(cfg: Config) -> dict[str, Any]:
     print(f"[prep] {counts['docs_in']} docs ({mb:.1f} MB) in, {counts['docs_out']} out "
           f"({counts['bytes_out'] / 1e6:.1f} MB), {counts['docs_in'] / max(elapsed, 1e-9):.0f} docs/s, "
           f"{mb / max(elapsed, 1e-9):.2f} MB/s", file=sys.stderr)
+    for line in outcome_warnings(counts):  # the lead's stage runner may take these over
+        print(f"[prep] warning: {line.removeprefix('prep: ')}", file=sys.stderr)
     return {
         "docs_in": counts["docs_in"],
         "docs_out": counts["docs_out"],
         "bytes_in": counts["bytes_in"],
         "bytes_out": counts["bytes_out"],
         "dropped": dropped,
+        "bytes_removed": {k.removeprefix("bytes_dropped_"): v + counts[f"bytes_edited_{k[14:]}"]
+                          for k, v in counts.items() if k.startswith("bytes_dropped_")},
+        "bytes_edited": {k.removeprefix("bytes_edited_"): v for k, v in counts.items()
+                         if k.startswith("bytes_edited_")},
+        "warnings": outcome_warnings(counts),
         "output": str(plan.layout.output),
     }

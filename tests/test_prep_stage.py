@@ -87,7 +87,7 @@ def test_outputs_and_stats_invariant(finished: dict) -> None:
     assert len(ids) == len(set(ids))
     assert any(i.startswith("<urn:uuid:") for i in ids)  # WARC pages extracted to text
     assert not any("<html" in r["text"].lower() for r in out)
-    assert any(i.endswith("#pq") for i in ids) and any(i.endswith("note.txt") for i in ids)
+    assert any(i.endswith("#pq") for i in ids) and any(i.endswith("note.txt:1") for i in ids)
 
 
 def test_mlflow_run_has_counts_and_stats_artifact(finished: dict) -> None:
