@@ -140,6 +140,9 @@ class NormalizeConfig(Section):
     nfc: bool = Field(True, description="Unicode NFC normalisation.")
     fix_mojibake: bool = Field(True, description="Repair mis-decoded text with ftfy.")
     whitespace: bool = Field(True, description="Strip trailing spaces, collapse runs of blank lines.")
+    join_wrapped_lines: bool | None = Field(
+        None, description="Join lines a fixed-width layout broke mid-sentence (null: for languages written "
+        "without spaces, e.g. prep.language: zh).")
 
 
 class MinhashConfig(Section):

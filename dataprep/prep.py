@@ -115,7 +115,7 @@ def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path)
         head.counters[len(head.pipeline)] = "html_extraction"
         head.pipeline.append(HtmlExtractor(exclusion_writer=RemovedWriter(removed, "html_extraction")))
         drop_steps.append("html_extraction")
-    head.pipeline.extend(normalize_steps(prep.normalize))
+    head.pipeline.extend(normalize_steps(prep.normalize, prep.language))
     for key, step in filter_steps(prep.filters, removed, prep.language):
         head.counters[len(head.pipeline)] = key
         head.pipeline.append(step)
