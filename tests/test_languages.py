@@ -92,3 +92,14 @@ def test_outcome_warnings_name_the_filter_the_keys_and_a_stage_that_kept_little(
                for w in lines)
     assert any("kept 10 of 100 documents" in w for w in lines)
     assert outcome_warnings({"docs_in": 10, "docs_out": 9, "bytes_in": 10, "bytes_out": 9, "dropped_length": 1}) == []
+
+
+def test_the_chinese_config_is_valid_and_its_review_task_reads_as_characters() -> None:
+    from training.tasks import ClassificationTask
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "chinese.yaml")
+    assert cfg.prep.language == "zh" and all(p.endswith(".txt") for p in cfg.data.inputs)
+    train, dev = ClassificationTask().load(cfg.finetune.tasks[0])
+    assert len(train) == 36_029 and len(dev) == 4_515  # the shared README's row counts
+    assert {e.label for e in dev} == {"0", "1"} and any("不错" in e.text for e in dev)
