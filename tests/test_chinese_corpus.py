@@ -36,6 +36,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "kept": [r["id"] for r in read_zst_jsonl(workdir / "prep" / "output")], "removed": removed}
 
 
+@pytest.mark.slow
 def test_shares_kept_and_removed(outcome: dict) -> None:
     total = Counter(kind(r["id"]) for r in outcome["records"])
     kept = Counter(kind(i) for i in outcome["kept"])
@@ -48,6 +49,7 @@ def test_shares_kept_and_removed(outcome: dict) -> None:
     assert all(n <= 2 for n in junk_kinds.values()), junk_kinds  # each kind of junk caught, not just some
 
 
+@pytest.mark.slow
 def test_every_drop_is_recorded_with_step_and_reason(outcome: dict) -> None:
     ids = [r["id"] for r in outcome["records"]]
     removed = {r["id"]: r["metadata"] for r in outcome["removed"]}

@@ -108,6 +108,7 @@ def test_both_splits_get_documents_when_the_hash_leaves_val_empty(tmp_path: Path
         assert sum(open_shard(tmp_path / "shards" / s["path"]).tokens for s in shards) == splits[split]["tokens"]
 
 
+@pytest.mark.slow
 def test_tiny_shakespeare_alone_gives_train_and_val(tmp_path: Path) -> None:
     """A nanoGPT user's first input: one input.txt, no other data key, through prep -> tokenizer -> shard."""
     from pipeline.stage_prep import run_prep
