@@ -121,8 +121,8 @@ def run_prep(cfg: Config) -> dict[str, Any]:
         "bytes_in": counts["bytes_in"],
         "bytes_out": counts["bytes_out"],
         "dropped": dropped,
-        "bytes_removed": {k.removeprefix("bytes_dropped_"): v + counts[f"bytes_edited_{k[14:]}"]
-                          for k, v in counts.items() if k.startswith("bytes_dropped_")},
+        "bytes_removed": {step: v + counts[f"bytes_edited_{step}"] for k, v in counts.items()
+                          if (step := k.removeprefix("bytes_dropped_")) != k},
         "bytes_edited": {k.removeprefix("bytes_edited_"): v for k, v in counts.items()
                          if k.startswith("bytes_edited_")},
         "warnings": outcome_warnings(counts),
