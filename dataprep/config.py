@@ -13,6 +13,15 @@ from pydantic import Field, field_validator
 from dataprep.schema import Section
 
 
+class TxtConfig(Section):
+    """How a `.txt` input becomes documents."""
+
+    split: Literal["paragraphs", "file"] = Field(
+        "paragraphs", description="paragraphs: cut at blank lines (at line ends if there are none) and pack into "
+        "documents of up to max_chars; file: one document per file.")
+    max_chars: int = Field(20_000, ge=100, description="Longest document cut from a .txt file (characters).")
+
+
 class DataConfig(Section):
     """Where the raw text is and how to read it."""
 
@@ -27,6 +36,7 @@ class DataConfig(Section):
         default_factory=list, description="Optional fixed validation documents (tokenized as they are)."
     )
     strict: bool = Field(False, description="Stop at the first malformed record instead of setting it aside.")
+    txt: TxtConfig = Field(default_factory=TxtConfig)
 
 
 class LengthFilter(Section):
@@ -49,7 +59,9 @@ class GopherQualityFilter(Section):
     max_non_alpha_words_ratio: float = Field(
         0.8, description="Least share of words that contain a letter (named max by Gopher)."
     )
-    min_stop_words: int = Field(2, description="Fewest English stop words (the, and, ...).")
+    min_stop_words: int = Field(2, description="Fewest stop words (English: the, and, ...; see prep.language).")
+    stop_words: list[str] | None = Field(
+        None, description="The stop words counted (null: English, or prep.language's list from FineWeb-2).")
 
 
 class GopherRepetitionFilter(Section):
@@ -82,6 +94,8 @@ class FineWebQualityFilter(Section):
     short_line_length: int = Field(30, description="A line this short or shorter counts as short.")
     char_duplicates_ratio: float = Field(0.01, description="Most share of characters in duplicated lines.")
     new_line_ratio: float = Field(0.3, description="Most newlines per word.")
+    stop_chars: list[str] | None = Field(
+        None, description="Line ends that count as punctuation (null: datatrove's set, or prep.language's).")
 
 
 class LanguageFilter(Section):
@@ -123,6 +137,9 @@ class NormalizeConfig(Section):
     nfc: bool = Field(True, description="Unicode NFC normalisation.")
     fix_mojibake: bool = Field(True, description="Repair mis-decoded text with ftfy.")
     whitespace: bool = Field(True, description="Strip trailing spaces, collapse runs of blank lines.")
+    join_wrapped_lines: bool | None = Field(
+        None, description="Join lines a fixed-width layout broke mid-sentence (null: for languages written "
+        "without spaces, e.g. prep.language: zh).")
 
 
 class MinhashConfig(Section):
@@ -148,11 +165,24 @@ class DedupConfig(Section):
 class PrepConfig(Section):
     """The prep stage: normalisation, quality filters, deduplication."""
 
+    language: str = Field(
+        "en", description="ISO 639-1/3 code of the corpus (zh, en, de, ...): sets the language filter, the word "
+        "tokenizer of every word-based filter and of MinHash, stop words, terminal punctuation and FineWeb-2's "
+        "thresholds for it; keys set under prep.filters still win.")
+
     tasks: int = Field(2, ge=1, description="datatrove tasks (input files are split between them).")
     workers: int = Field(2, ge=1, description="Tasks run at once by the local executor.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        from dataprep.languages import resolve_language
+
+        resolve_language(value)  # ValueError listing the supported codes
+        return value
 
 
 class TokenizerConfig(Section):

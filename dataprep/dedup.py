@@ -62,8 +62,18 @@ def minhash_config(cfg: MinhashSection) -> MinhashConfig:
     )
 
 
-def minhash_signature(work: Path, cfg: MinhashSection) -> MinhashDedupSignature:
-    return MinhashDedupSignature(output_folder=str(work / "minhash_sigs"), config=minhash_config(cfg))
+def minhash_signature(work: Path, cfg: MinhashSection, language: str = "en") -> MinhashDedupSignature:
+    """Shingles are word n-grams, so the words come from the language's tokenizer (jieba for Chinese)."""
+    from datatrove.utils.word_tokenizers import load_tokenizer_assignments
+
+    from dataprep.languages import resolve_language
+
+    code = resolve_language(language).tokenizer
+    step = MinhashDedupSignature(output_folder=str(work / "minhash_sigs"), config=minhash_config(cfg), language=code)
+    # datatrove hands out one cached tokenizer per language; once a filter ran in this process it holds a
+    # loaded spaCy pipeline that cannot be copied to the next sub-stage, so this step gets its own.
+    step.word_tokenizer = load_tokenizer_assignments()[code]()
+    return step
 
 
 def minhash_buckets(work: Path, cfg: MinhashSection) -> MinhashDedupBuckets:

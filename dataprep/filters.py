@@ -54,7 +54,11 @@ class LengthFilter(BaseFilter):
         if n < self.min_chars:
             return False, f"shorter than {self.min_chars} chars ({n})"
         if n > self.max_chars:
-            return False, f"longer than {self.max_chars} chars ({n})"
+            reason = f"longer than {self.max_chars} chars ({n})"
+            if doc.id == doc.metadata.get("file_path"):  # a whole input file (data.txt.split: file): say so
+                reason += (f": the whole file {doc.id}; set data.txt.split: paragraphs or raise "
+                           f"prep.filters.length.max_chars")
+            return False, reason
         return True
 
 
@@ -84,27 +88,75 @@ class OfflineLanguageFilter(LanguageFilter):
             f"wanted {'/'.join(self.languages)} >= {self.language_threshold}"
 
 
-def filter_steps(cfg: FiltersConfig, removed_dir: str | Path) -> list[tuple[str, PipelineStep]]:
-    """(key, step) for each filter switched on, in FILTER_ORDER."""
+class Accounted:
+    """Mixed into a filter: counts the UTF-8 bytes of the documents it drops and the bytes its line edits remove.
+
+    The counts (`bytes_dropped`, `bytes_edited`) land in the step's datatrove stats, so a resumed run
+    reports the same figures (`dataprep.prep.collect_counts` reads them back).
+    """
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        before = len(doc.text.encode("utf-8", "replace"))
+        result = super().filter(doc)  # type: ignore[misc]
+        if result if isinstance(result, bool) else result[0]:
+            edited = before - len(doc.text.encode("utf-8", "replace"))
+            if edited:
+                self.stat_update("bytes_edited", value=edited)  # type: ignore[attr-defined]
+        else:
+            self.stat_update("bytes_dropped", value=before)  # type: ignore[attr-defined]
+        return result
+
+
+class AccountedLength(Accounted, LengthFilter):
+    pass
+
+
+class AccountedLanguage(Accounted, OfflineLanguageFilter):
+    pass
+
+
+class AccountedGopherRepetition(Accounted, GopherRepetitionFilter):
+    pass
+
+
+class AccountedGopherQuality(Accounted, GopherQualityFilter):
+    pass
+
+
+class AccountedC4(Accounted, C4QualityFilter):
+    pass
+
+
+class AccountedFineWeb(Accounted, FineWebQualityFilter):
+    pass
+
+
+def filter_steps(cfg: FiltersConfig, removed_dir: str | Path, language: str = "en") -> list[tuple[str, PipelineStep]]:
+    """(key, step) for each filter switched on, in FILTER_ORDER, set up for `language` (see dataprep.languages)."""
+    from dataprep.languages import effective_filters
+
+    params = effective_filters(cfg, language)
     steps: list[tuple[str, PipelineStep]] = []
     for key in FILTER_ORDER:
-        params = getattr(cfg, key)
-        if params is False:
+        p = params[key]
+        if p is False:
             continue
+        assert isinstance(p, dict)
         writer = RemovedWriter(removed_dir, key)
-        p = params.model_dump()
         if key == "length":
-            step: PipelineStep = LengthFilter(p["min_chars"], p["max_chars"], exclusion_writer=writer)
+            step: PipelineStep = AccountedLength(p["min_chars"], p["max_chars"], exclusion_writer=writer)
         elif key == "language":
-            step = OfflineLanguageFilter(p["languages"], p["threshold"], exclusion_writer=writer)
+            step = AccountedLanguage(p["languages"], p["threshold"], exclusion_writer=writer)
         elif key == "gopher_repetition":
-            step = GopherRepetitionFilter(**p, exclusion_writer=writer)
+            step = AccountedGopherRepetition(**p, exclusion_writer=writer)
         elif key == "gopher_quality":
-            step = GopherQualityFilter(**p, exclusion_writer=writer)
+            step = AccountedGopherQuality(**p, exclusion_writer=writer)
         elif key == "c4_quality":
-            step = C4QualityFilter(**p, exclusion_writer=writer)
+            step = AccountedC4(**p, exclusion_writer=writer)
         else:
-            step = FineWebQualityFilter(**p, exclusion_writer=writer)
+            if p.get("stop_chars") is not None:
+                p["stop_chars"] = tuple(p["stop_chars"])  # str.endswith wants a tuple
+            step = AccountedFineWeb(**p, exclusion_writer=writer)
         steps.append((key, step))
     return steps
 

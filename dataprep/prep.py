@@ -26,7 +26,7 @@ from datatrove.pipeline.writers.jsonl import JsonlWriter
 
 from dataprep import dedup
 from dataprep.config import DataConfig, PrepConfig
-from dataprep.filters import filter_steps, pii_step
+from dataprep.filters import FILTER_ORDER, filter_steps, pii_step
 from dataprep.html import HtmlExtractor
 from dataprep.normalize import normalize_steps
 from dataprep.readers import InputReader, TaskFileReader, input_format
@@ -107,15 +107,16 @@ def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path)
 
     head = SubStage("filter", [], tasks, workers)
     reader = InputReader(files, text_key=data.text_key, id_key=data.id_key, strict=data.strict,
-                         removed_writer=RemovedWriter(removed, "malformed"), file_progress=True)
+                         removed_writer=RemovedWriter(removed, "malformed"), file_progress=True,
+                         txt_split=data.txt.split, txt_max_chars=data.txt.max_chars)
     head.pipeline.append(reader)
     head.counters[0] = "reader"
     if any(input_format(f) == "warc" for f in files):
         head.counters[len(head.pipeline)] = "html_extraction"
         head.pipeline.append(HtmlExtractor(exclusion_writer=RemovedWriter(removed, "html_extraction")))
         drop_steps.append("html_extraction")
-    head.pipeline.extend(normalize_steps(prep.normalize))
-    for key, step in filter_steps(prep.filters, removed):
+    head.pipeline.extend(normalize_steps(prep.normalize, prep.language))
+    for key, step in filter_steps(prep.filters, removed, prep.language):
         head.counters[len(head.pipeline)] = key
         head.pipeline.append(step)
         drop_steps.append(key)
@@ -131,7 +132,7 @@ def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path)
         stages.append(current)
         drop_steps.append("exact_dedup")
     if minhash_cfg is not False:
-        current.pipeline += [_writer(work / "pre_minhash"), dedup.minhash_signature(work, minhash_cfg)]
+        current.pipeline += [_writer(work / "pre_minhash"), dedup.minhash_signature(work, minhash_cfg, prep.language)]
         stages.append(SubStage("minhash_buckets", [dedup.minhash_buckets(work, minhash_cfg)],
                                minhash_cfg.buckets, min(workers, minhash_cfg.buckets)))
         stages.append(SubStage("minhash_cluster", [dedup.minhash_cluster(work, minhash_cfg)], 1, 1))
@@ -160,6 +161,10 @@ def collect_counts(plan: PrepPlan) -> dict[str, int]:
     """docs_in, docs_out, bytes_in, bytes_out and dropped_<step> from the sub-stages' per-task stats files."""
     counts = {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0}
     counts.update({f"dropped_{step}": 0 for step in plan.drop_steps})
+    for step in plan.drop_steps:
+        if step in FILTER_ORDER:  # the quality filters also count bytes (dataprep.filters.Accounted)
+            counts[f"bytes_dropped_{step}"] = 0
+            counts[f"bytes_edited_{step}"] = 0
     for stage in plan.stages:
         for stats_file in sorted((plan.layout.logs / stage.name / "stats").glob("*.json")):
             steps = json.loads(stats_file.read_text())
@@ -174,6 +179,9 @@ def collect_counts(plan: PrepPlan) -> dict[str, int]:
                     counts["bytes_out"] += _total(stats.get("bytes"))
                 else:
                     counts[f"dropped_{role}"] += _total(stats.get("dropped"))
+                    if role in FILTER_ORDER:
+                        counts[f"bytes_dropped_{role}"] += _total(stats.get("bytes_dropped"))
+                        counts[f"bytes_edited_{role}"] += _total(stats.get("bytes_edited"))
     return counts
 
 
@@ -184,3 +192,50 @@ def check_invariant(counts: dict[str, int]) -> None:
         raise RuntimeError(
             f"prep lost documents: docs_in={counts['docs_in']} != docs_out={counts['docs_out']} + dropped={dropped}"
         )
+
+
+# The config keys that turn each step down, for the warnings below.
+TUNING_KEYS = {
+    "malformed": "the input files (see prep/removed/malformed/), data.text_key",
+    "html_extraction": "the WARC inputs (pages with no main text)",
+    "length": "prep.filters.length.min_chars / max_chars, data.txt.max_chars",
+    "language": "prep.language, prep.filters.language.languages / threshold",
+    "gopher_repetition": "prep.filters.gopher_repetition.dup_line_frac / dup_para_frac / dup_line_char_frac / "
+                         "dup_para_char_frac (or prep.filters.gopher_repetition=false)",
+    "gopher_quality": "prep.filters.gopher_quality.min_doc_words / min_avg_word_length / max_avg_word_length / "
+                      "max_non_alpha_words_ratio / min_stop_words (or prep.filters.gopher_quality=false)",
+    "c4_quality": "prep.filters.c4_quality.filter_no_terminal_punct / min_num_sentences / min_words_per_line / "
+                  "filter_curly_bracket (or prep.filters.c4_quality=false)",
+    "fineweb_quality": "prep.filters.fineweb_quality.line_punct_thr / short_line_thr / char_duplicates_ratio / "
+                       "new_line_ratio (or prep.filters.fineweb_quality=false)",
+    "exact_dedup": "prep.dedup.exact (the input holds many identical documents)",
+    "minhash_dedup": "prep.dedup.minhash.buckets / hashes_per_bucket (or prep.dedup.minhash=false)",
+}
+
+
+def outcome_warnings(stats: dict[str, Any], step_share: float = 0.5, stage_share: float = 0.2) -> list[str]:
+    """Warning lines for prep counts (`prep/stats.json`): a step that removed more than `step_share`
+    of the documents or bytes that reached it (naming the keys that tune it), and a stage that kept
+    under `stage_share` of the documents or bytes. Steps are taken in the order they ran."""
+    lines: list[str] = []
+    docs, nbytes = stats.get("docs_in", 0), stats.get("bytes_in", 0)
+    steps = [k.removeprefix("dropped_") for k in stats if k.startswith("dropped_")]
+    for step in steps:
+        dropped = stats[f"dropped_{step}"]
+        lost = stats.get(f"bytes_dropped_{step}", 0) + stats.get(f"bytes_edited_{step}", 0)
+        edited = stats.get(f"bytes_edited_{step}", 0)
+        if docs and dropped > step_share * docs:
+            lines.append(f"prep: {step} dropped {dropped} of the {docs} documents that reached it "
+                         f"({dropped / docs:.0%}); tune it with {TUNING_KEYS.get(step, step)}")
+        elif nbytes and lost > step_share * nbytes:
+            lines.append(f"prep: {step} removed {lost:,} of the {nbytes:,} bytes that reached it ({lost / nbytes:.0%}; "
+                         f"{edited:,} by deleting lines of documents it kept); tune it with "
+                         f"{TUNING_KEYS.get(step, step)}")
+        docs -= dropped
+        nbytes -= lost
+    for what, key_in, key_out in (("documents", "docs_in", "docs_out"), ("bytes", "bytes_in", "bytes_out")):
+        total, kept = stats.get(key_in, 0), stats.get(key_out, 0)
+        if total and kept < stage_share * total:
+            lines.append(f"prep: kept {kept:,} of {total:,} {what} ({kept / total:.0%}); the lines above and "
+                         f"prep/removed/<step>/ say which steps removed them and why")
+    return lines

@@ -6,8 +6,9 @@ record that cannot become a document (bad JSON, invalid UTF-8, a truncated
 file, line and reason, or, in strict mode, stops the run naming file and line.
 
 Formats, by file name: `.jsonl`/`.json`/`.ndjson` (plain, `.gz`, `.zst`),
-`.parquet`, `.txt` (one document per file), `.warc`/`.warc.gz` (HTML responses;
-the text is extracted later by `dataprep.html.HtmlExtractor`).
+`.parquet`, `.txt` (cut into documents at blank lines, see `split_text`, or one
+document per file), `.warc`/`.warc.gz` (HTML responses; the text is extracted later
+by `dataprep.html.HtmlExtractor`).
 """
 
 from __future__ import annotations
@@ -138,6 +139,64 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield rest
 
 
+def _paragraphs(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, stop) line ranges of the runs of non-blank lines; every line on its own if there is only one run."""
+    runs, start = [], None
+    for i, line in enumerate([*lines, ""]):
+        if line.strip() and start is None:
+            start = i
+        elif not line.strip() and start is not None:
+            runs.append((start, i))
+            start = None
+    if len(runs) == 1:  # no blank line between text: cut at line ends
+        first, stop = runs[0]
+        return [(i, i + 1) for i in range(first, stop)]
+    return runs
+
+
+def split_text(text: str, max_chars: int) -> list[tuple[str, str]]:
+    """A text file as documents of at most `max_chars` characters: (id suffix, text) pairs.
+
+    Paragraphs (runs of lines between blank lines) are packed in order into
+    documents up to `max_chars`; a paragraph longer than that is cut at line
+    ends, and a line longer than that every `max_chars` characters. A text
+    without blank lines is cut at line ends. Each document is a slice of the
+    original text (from its first to its last line, blank lines between kept),
+    and its id suffix is its first line number (`12`, or `12@40000` for a piece
+    cut inside line 12 at character 40000).
+    """
+    lines = text.split("\n")
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    pieces: list[tuple[str, int, int]] = []  # (suffix, start, end) in characters, each at most max_chars long
+
+    def add(first: int, stop: int) -> None:
+        begin, end = starts[first], starts[stop] - 1
+        if end - begin <= max_chars:
+            pieces.append((str(first + 1), begin, end))
+        elif stop - first > 1:
+            for i in range(first, stop):
+                add(i, i + 1)
+        else:
+            for at in range(begin, end, max_chars):
+                suffix = str(first + 1) if at == begin else f"{first + 1}@{at - begin}"
+                pieces.append((suffix, at, min(at + max_chars, end)))
+
+    for first, stop in _paragraphs(lines):
+        add(first, stop)
+    docs: list[tuple[str, str]] = []
+    group: list[tuple[str, int, int]] = []
+    for piece in pieces:
+        if group and piece[2] - group[0][1] > max_chars:
+            docs.append((group[0][0], text[group[0][1] : group[-1][2]]))
+            group = []
+        group.append(piece)
+    if group:
+        docs.append((group[0][0], text[group[0][1] : group[-1][2]]))
+    return docs
+
+
 class InputReader(BaseDiskReader):
     """Reads the configured input files (any mix of formats), sharded between tasks by file.
 
@@ -157,6 +216,8 @@ class InputReader(BaseDiskReader):
         strict: bool = False,
         removed_writer: DiskWriter | None = None,
         file_progress: bool = False,
+        txt_split: str = "file",
+        txt_max_chars: int = 20_000,
     ):
         super().__init__(
             data_folder="/", text_key=text_key, id_key=id_key, add_file_path=False, file_progress=file_progress
@@ -165,6 +226,8 @@ class InputReader(BaseDiskReader):
             input_format(path)  # unknown suffixes fail when the plan is built, before any work
         self.files = list(files)
         self.strict = strict
+        self.txt_split = txt_split  # "paragraphs" (see split_text) or "file" (one document per file)
+        self.txt_max_chars = txt_max_chars
         self.removed_writer = removed_writer
         self._writer_open = False
 
@@ -292,9 +355,14 @@ class InputReader(BaseDiskReader):
             line = raw[: exc.start].count(b"\n") + 1
             self._malformed(path, line, f"invalid UTF-8 at byte {exc.start}", raw, rank)
             return
-        doc = self._make_document({self.text_key: text, self.id_key: path}, path, 1, rank)
-        if doc is not None:
-            yield doc
+        if self.txt_split == "file":
+            parts = [(path, text)]
+        else:
+            parts = [(f"{path}:{suffix}", part) for suffix, part in split_text(text, self.txt_max_chars)]
+        for doc_id, part in parts:
+            doc = self._make_document({self.text_key: part, self.id_key: doc_id}, path, 1, rank)
+            if doc is not None:
+                yield doc
 
     def _read_warc(self, path: str, rank: int) -> DocumentsPipeline:
         from datatrove.pipeline.readers.warc import process_record

@@ -94,7 +94,7 @@ def test_outputs_and_stats_invariant(finished: dict) -> None:
     assert len(ids) == len(set(ids))
     assert any(i.startswith("<urn:uuid:") for i in ids)  # WARC pages extracted to text
     assert not any("<html" in r["text"].lower() for r in out)
-    assert any(i.endswith("#pq") for i in ids) and any(i.endswith("note.txt") for i in ids)
+    assert any(i.endswith("#pq") for i in ids) and any(i.endswith("note.txt:1") for i in ids)
 
 
 def test_mlflow_run_has_counts_and_stats_artifact(finished: dict) -> None:
@@ -104,7 +104,8 @@ def test_mlflow_run_has_counts_and_stats_artifact(finished: dict) -> None:
     exp = client.get_experiment_by_name("prep-test")
     (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'prep'")
     stats = finished["stats"]
-    for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "dropped_exact_dedup", "dropped_malformed"):
+    for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "dropped_exact_dedup", "dropped_malformed",
+                "bytes_dropped_length", "bytes_edited_c4_quality"):
         assert run.data.metrics[key] == stats[key]
     assert run.data.params["prep.dedup.minhash.buckets"] == "14"
     assert "stats.json" in [a.path for a in client.list_artifacts(run.info.run_id)]

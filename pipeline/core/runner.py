@@ -224,10 +224,10 @@ def _run_locked(cfg: Config, spec: StageSpec, ident: identity.Identity, dist: Di
             sys.stdout.flush()
             raise SystemExit(0) from None
         if ctx.warnings:
-            summary = {**summary, "warnings": len(ctx.warnings)}
+            summary = {**summary, "warnings": list(ctx.warnings)}
     if dist.is_main:
         write_marker(cfg, spec.name, summary, started, ident, ctx.warnings)
-        print_summary(spec.name, summary, time.time() - started)
+        print_summary(spec.name, {k: v for k, v in summary.items() if k != "warnings"}, time.time() - started)
         for text in ctx.warnings:
             print(f"  warning: {text}")
     return summary

@@ -38,23 +38,6 @@ def resolve_inputs(cfg: Config, input_dir: Path) -> list[str]:
     return files
 
 
-# Config keys that tune each drop step, named in the warnings.
-TUNING_KEYS = {
-    "malformed": "data.text_key / data.id_key (and the input files)",
-    "html_extraction": "the WARC inputs (HTML that yields no main text)",
-    "length": "prep.filters.length.min_chars / max_chars",
-    "language": "prep.filters.language.languages / threshold",
-    "gopher_repetition": "prep.filters.gopher_repetition.* (or false)",
-    "gopher_quality": "prep.filters.gopher_quality.* (or false)",
-    "c4_quality": "prep.filters.c4_quality.* (or false)",
-    "fineweb_quality": "prep.filters.fineweb_quality.* (or false)",
-    "exact_dedup": "prep.dedup.exact",
-    "minhash_dedup": "prep.dedup.minhash.*",
-}
-KEEP_WARN = 0.2  # keeping under this share of documents or bytes earns a warning
-STEP_WARN = 0.5  # one step dropping over this share of what reached it earns a warning
-
-
 class EmptyOutcome(ConfigError):
     """A data stage that kept nothing: what dropped the documents, and where they are."""
 
@@ -77,6 +60,8 @@ def sample_reason(removed: Path, step: str) -> str:
 
 def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> None:
     """Fail on an empty result; warn on a suspicious one (few documents kept, one step dropping most)."""
+    from dataprep.prep import TUNING_KEYS
+
     dropped = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") and v}
     if counts["docs_out"] == 0:
         by_reason = ", ".join(f"{step} {n}" for step, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
@@ -87,16 +72,10 @@ def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> N
             f"no document was kept: {counts['docs_in']} in, dropped by {by_reason or 'nothing (no input)'}"
             f"{example} (the dropped documents are in {removed})",
             hint=f"loosen {TUNING_KEYS.get(top, 'the filters')}" if top else "check data.inputs")
-    docs_share = counts["docs_out"] / max(counts["docs_in"], 1)
-    bytes_share = counts["bytes_out"] / max(counts["bytes_in"], 1)
-    if min(docs_share, bytes_share) < KEEP_WARN:
-        ctx.warn(f"prep kept only {docs_share:.0%} of the documents and {bytes_share:.0%} of the bytes")
-    reaching = counts["docs_in"]
-    for step, n in dropped.items():  # in the order the steps ran (the counts are built in that order)
-        if reaching and n / reaching > STEP_WARN:
-            ctx.warn(f"{step} dropped {n} of the {reaching} documents that reached it ({n / reaching:.0%}); "
-                     f"it is tuned by {TUNING_KEYS.get(step, 'its prep keys')}")
-        reaching -= n
+    from dataprep.prep import outcome_warnings
+
+    for line in outcome_warnings(counts):
+        ctx.warn(line.removeprefix("prep: "))
 
 
 def input_files(cfg: Config) -> list[str]:
@@ -160,5 +139,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "bytes_in": counts["bytes_in"],
         "bytes_out": counts["bytes_out"],
         "dropped": dropped,
+        "bytes_removed": {step: v + counts.get(f"bytes_edited_{step}", 0) for k, v in counts.items()
+                          if (step := k.removeprefix("bytes_dropped_")) != k},
+        "bytes_edited": {k.removeprefix("bytes_edited_"): v for k, v in counts.items()
+                         if k.startswith("bytes_edited_")},
         "output": str(plan.layout.output),
     }

@@ -141,6 +141,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         run_substages(cfg, substages, logs)
     except MalformedRecordError as exc:
         raise StageInputError(f"malformed record in data.val_inputs (data.strict is on): {exc}") from None
+    split_note = "all clean documents in train; val from data.val_inputs"
+    if not val_files:  # both splits get documents whenever val_fraction > 0 (see dataprep.split_fix)
+        from dataprep.split_fix import ensure_both_splits
+
+        split_note = ensure_both_splits(out, tok_dir, sc.val_fraction, sc.max_shard_bytes, sc.compression)
     manifest = merge_parts(out, token_hash)
     seconds = time.time() - started
     splits = manifest["splits"]
@@ -158,6 +163,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary["dtype"] = manifest["dtype"]
     summary["manifest_sha256"] = manifest_sha256(out)
     summary["path"] = str(out)
+    summary["split"] = split_note
     mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
     mlflow.set_tags({SHARD_MANIFEST_TAG: summary["manifest_sha256"], "dtype": manifest["dtype"]})
     mlflow.log_artifact(str(out / "manifest.json"))
