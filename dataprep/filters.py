@@ -24,11 +24,11 @@ from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.lid import FT176LID
 
-from dataprep.config import FiltersConfig, PiiFilter
+from dataprep.config import FiltersConfig, PiiFilter, filter_sections
 from dataprep.removed import RemovedWriter
 
-# The filter keys in the order they run; each key is also the `dropped_<key>` counter.
-FILTER_ORDER = ("length", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+# The filter keys in the order they run (FiltersConfig's field order); each is also the `dropped_<key>` counter.
+FILTER_ORDER = tuple(filter_sections())
 
 
 def lid_model_path() -> Path:
@@ -137,27 +137,10 @@ def filter_steps(cfg: FiltersConfig, removed_dir: str | Path, language: str = "e
 
     params = effective_filters(cfg, language)
     steps: list[tuple[str, PipelineStep]] = []
-    for key in FILTER_ORDER:
-        p = params[key]
-        if p is False:
+    for key, section in filter_sections().items():
+        if params[key] is False:
             continue
-        assert isinstance(p, dict)
-        writer = RemovedWriter(removed_dir, key)
-        if key == "length":
-            step: PipelineStep = AccountedLength(p["min_chars"], p["max_chars"], exclusion_writer=writer)
-        elif key == "language":
-            step = AccountedLanguage(p["languages"], p["threshold"], exclusion_writer=writer)
-        elif key == "gopher_repetition":
-            step = AccountedGopherRepetition(**p, exclusion_writer=writer)
-        elif key == "gopher_quality":
-            step = AccountedGopherQuality(**p, exclusion_writer=writer)
-        elif key == "c4_quality":
-            step = AccountedC4(**p, exclusion_writer=writer)
-        else:
-            if p.get("stop_chars") is not None:
-                p["stop_chars"] = tuple(p["stop_chars"])  # str.endswith wants a tuple
-            step = AccountedFineWeb(**p, exclusion_writer=writer)
-        steps.append((key, step))
+        steps.append((key, section.step(params[key], RemovedWriter(removed_dir, key))))
     return steps
 
 

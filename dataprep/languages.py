@@ -210,7 +210,9 @@ def effective_filters(filters: Any, language: str) -> dict[str, dict[str, Any] |
     lang_spec = resolve_language(language)
     defaults = language_filter_defaults(lang_spec)
     out: dict[str, dict[str, Any] | bool] = {}
-    for key in ("length", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"):
+    from dataprep.config import filter_sections
+
+    for key in filter_sections():
         section = getattr(filters, key)
         named = key in filters.model_fields_set
         if section is False:

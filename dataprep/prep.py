@@ -195,22 +195,24 @@ def check_invariant(counts: dict[str, int]) -> None:
 
 
 # The config keys that turn each step down, for the warnings below.
-TUNING_KEYS = {
+# The keys that tune the drop steps that are not quality filters (those say it themselves: FilterSection.tuning).
+OTHER_TUNING = {
     "malformed": "the input files (see prep/removed/malformed/), data.text_key",
     "html_extraction": "the WARC inputs (pages with no main text)",
-    "length": "prep.filters.length.min_chars / max_chars, data.txt.max_chars",
-    "language": "prep.language, prep.filters.language.languages / threshold",
-    "gopher_repetition": "prep.filters.gopher_repetition.dup_line_frac / dup_para_frac / dup_line_char_frac / "
-                         "dup_para_char_frac (or prep.filters.gopher_repetition=false)",
-    "gopher_quality": "prep.filters.gopher_quality.min_doc_words / min_avg_word_length / max_avg_word_length / "
-                      "max_non_alpha_words_ratio / min_stop_words (or prep.filters.gopher_quality=false)",
-    "c4_quality": "prep.filters.c4_quality.filter_no_terminal_punct / min_num_sentences / min_words_per_line / "
-                  "filter_curly_bracket (or prep.filters.c4_quality=false)",
-    "fineweb_quality": "prep.filters.fineweb_quality.line_punct_thr / short_line_thr / char_duplicates_ratio / "
-                       "new_line_ratio (or prep.filters.fineweb_quality=false)",
     "exact_dedup": "prep.dedup.exact (the input holds many identical documents)",
     "minhash_dedup": "prep.dedup.minhash.buckets / hashes_per_bucket (or prep.dedup.minhash=false)",
 }
+
+
+def tuning_keys(step: str) -> str:
+    """The config keys that tune a drop step, as a warning names them."""
+    from dataprep.config import filter_sections
+
+    section = filter_sections().get(step)
+    if section is None:
+        return OTHER_TUNING.get(step, step)
+    keys = [k if "." in k else f"prep.filters.{step}.{k}" for k in section.tuning]
+    return f"{' / '.join(keys)} (or prep.filters.{step}=false)"
 
 
 def outcome_warnings(stats: dict[str, Any], step_share: float = 0.5, stage_share: float = 0.2) -> list[str]:
@@ -226,11 +228,11 @@ def outcome_warnings(stats: dict[str, Any], step_share: float = 0.5, stage_share
         edited = stats.get(f"bytes_edited_{step}", 0)
         if docs and dropped > step_share * docs:
             lines.append(f"prep: {step} dropped {dropped} of the {docs} documents that reached it "
-                         f"({dropped / docs:.0%}); tune it with {TUNING_KEYS.get(step, step)}")
+                         f"({dropped / docs:.0%}); tune it with {tuning_keys(step)}")
         elif nbytes and lost > step_share * nbytes:
             lines.append(f"prep: {step} removed {lost:,} of the {nbytes:,} bytes that reached it ({lost / nbytes:.0%}; "
                          f"{edited:,} by deleting lines of documents it kept); tune it with "
-                         f"{TUNING_KEYS.get(step, step)}")
+                         f"{tuning_keys(step)}")
         docs -= dropped
         nbytes -= lost
     for what, key_in, key_out in (("documents", "docs_in", "docs_out"), ("bytes", "bytes_in", "bytes_out")):

@@ -127,7 +127,7 @@ def test_a_filter_that_drops_most_documents_warns_with_its_keys(tmp_path: Path, 
     assert main(["prep", str(config)]) == 0
     out = capsys.readouterr()
     assert "warning: length dropped 6 of the 8 documents that reached it (75%)" in out.err
-    assert "prep.filters.length.min_chars / max_chars" in out.err  # the keys that tune it
+    assert "prep.filters.length.min_chars / prep.filters.length.max_chars" in out.err  # the keys that tune it
     marker = json.loads((tmp_path / "w" / "prep" / "_COMPLETE.json").read_text())
     assert any("length dropped 6" in w for w in marker["warnings"])
 

@@ -60,7 +60,7 @@ def sample_reason(removed: Path, step: str) -> str:
 
 def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> None:
     """Fail on an empty result; warn on a suspicious one (few documents kept, one step dropping most)."""
-    from dataprep.prep import TUNING_KEYS
+    from dataprep.prep import tuning_keys
 
     dropped = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_") and v}
     if counts["docs_out"] == 0:
@@ -71,7 +71,7 @@ def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> N
         raise EmptyOutcome(
             f"no document was kept: {counts['docs_in']} in, dropped by {by_reason or 'nothing (no input)'}"
             f"{example} (the dropped documents are in {removed})",
-            hint=f"loosen {TUNING_KEYS.get(top, 'the filters')}" if top else "check data.inputs")
+            hint=f"loosen {tuning_keys(top)}" if top else "check data.inputs")
     from dataprep.prep import outcome_warnings
 
     for line in outcome_warnings(counts):
