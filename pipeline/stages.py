@@ -60,6 +60,14 @@ def stage_hash(cfg: Config, name: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def resume_hash(cfg: Config, name: str) -> str:
+    """The stage hash as far as it decides whether earlier outputs can be continued rather than cleared:
+    a WSD pretraining's train.max_steps may change (training.schedule.resumable_train)."""
+    from training.schedule import resumable_train
+
+    return stage_hash(cfg.model_copy(update={"train": resumable_train(cfg.train)}), name)
+
+
 def read_marker(cfg: Config, name: str) -> dict[str, Any] | None:
     path = stage_dir(cfg, name) / MARKER
     try:
@@ -79,6 +87,7 @@ def write_marker(cfg: Config, name: str, summary: dict[str, Any], started: float
     body = {
         "stage": name,
         "hash": stage_hash(cfg, name),
+        "resume_hash": resume_hash(cfg, name),
         "started": started,
         "finished": time.time(),
         "summary": summary,
@@ -97,10 +106,11 @@ def outputs_are_stale(cfg: Config, name: str, force: bool = False) -> bool:
 
     An interrupted run with the same config is not stale: it resumes from what it left.
     """
-    current = stage_hash(cfg, name)
+    current = resume_hash(cfg, name)
     for path in (stage_dir(cfg, name) / MARKER, stage_dir(cfg, name) / STARTED):
         try:
-            if json.loads(path.read_text()).get("hash") != current:
+            body = json.loads(path.read_text())
+            if body.get("resume_hash", body.get("hash")) != current:
                 return True
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             continue
@@ -119,7 +129,8 @@ def start_clean(cfg: Config, name: str, force: bool = False) -> None:
     path = stage_dir(cfg, name) / STARTED
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"stage": name, "hash": stage_hash(cfg, name), "at": time.time()}))
+        path.write_text(json.dumps({"stage": name, "hash": stage_hash(cfg, name),
+                                    "resume_hash": resume_hash(cfg, name), "at": time.time()}))
     except OSError as exc:
         raise ConfigError(f"cannot write the {name} output folder {path.parent}: {exc.strerror or exc}") from None
 

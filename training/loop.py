@@ -23,7 +23,8 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
-from training.schedule import lr_at
+from training.optim import muon_momentum_at, set_muon_momentum
+from training.schedule import extension_tag, in_stable_phase, schedule_meta, train_lr
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -86,6 +87,7 @@ class Trainer:
     progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
     step: int = 0
     budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
+    stable_phase: bool = False  # every step so far ran before a WSD decay (the state can continue a longer run)
 
     # ------------------------------------------------------------ resume
 
@@ -94,6 +96,11 @@ class Trainer:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
             return None
+        chosen = extension_tag(self.ckpt_dir, tag, self.train_cfg)
+        if chosen != tag:
+            checkpoint.rewind(self.eng, self.ckpt_dir, chosen)
+            tag = chosen
+        self.stable_phase = bool(checkpoint.read_meta(self.ckpt_dir, tag).get("stable_phase"))
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
         self.step = int(state["step"])
         self.budget_used_s = float(state.get("budget_used_s", 0.0))  # absent in checkpoints of older versions
@@ -104,7 +111,8 @@ class Trainer:
     def save(self, loader_state: dict[str, Any] | None = None) -> str:
         client = {"step": self.step, "loader": loader_state or self.loader.state_dict(),
                   "rng": checkpoint.rng_state(), "budget_used_s": self.budget_used_s}
-        return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, self.meta)
+        meta = {**self.meta, **schedule_meta(self.train_cfg, self.stable_phase)}
+        return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, meta)
 
     # ------------------------------------------------------------ one step
 
@@ -196,9 +204,12 @@ class Trainer:
         last_saved: str | None = None
         with StopRequest() as stop_request:
             while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps,
-                           budget_spent=self.budget_used_s / budget_s)
+                spent = self.budget_used_s / budget_s
+                lr = train_lr(cfg, self.step, spent)
                 self.eng.set_lr(lr)
+                if cfg.optimizer == "muon":
+                    set_muon_momentum(self.eng.engine, self.eng.optimizer, muon_momentum_at(self.step, cfg))
+                self.stable_phase = in_stable_phase(cfg, self.step, spent) and (self.step == 0 or self.stable_phase)
                 t0 = time.perf_counter()
                 over_budget = time.perf_counter() - started >= budget_s
 
@@ -222,7 +233,9 @@ class Trainer:
                     result.evals.append({"step": self.step, "seconds": time.perf_counter() - started, **result.val})
                 if stop:  # all ranks are here together: count the evaluation above in the saved budget too
                     self.budget_used_s = self._all_reduce([time.perf_counter() - started])[0] / world
-                if self.step % cfg.checkpoint_every == 0 or done or stop:
+                # The last stable-phase state of a WSD run is kept: a longer run continues from it.
+                decays_next = self.stable_phase and not in_stable_phase(cfg, self.step, self.budget_used_s / budget_s)
+                if self.step % cfg.checkpoint_every == 0 or done or stop or decays_next:
                     last_saved = self.save()
                 if stop:
                     result.reason = "signal" if stop_request.signal is not None else "max_minutes"
