@@ -59,7 +59,7 @@ class StopRequest:
 @dataclass
 class LoopResult:
     step: int
-    reason: str  # "max_steps", "max_minutes" or "signal"
+    reason: str  # "max_steps", "max_minutes", "signal" or "paused" (run(pause_at=...))
     checkpoint: str | None
     train_loss: float | None = None
     val: dict[str, float] = field(default_factory=dict)
@@ -192,7 +192,9 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> LoopResult:
+    def run(self, pause_at: int | None = None) -> LoopResult:
+        """Train to max_steps, the budget or a signal. `pause_at`: return after that step (reason "paused") so
+        another run can take turns with this one (bench/pretrain.py interleaves its arms); call run() again."""
         cfg = self.train_cfg
         world = self.eng.dist.world_size
         tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * self.block_size
@@ -239,6 +241,10 @@ class Trainer:
                     last_saved = self.save()
                 if stop:
                     result.reason = "signal" if stop_request.signal is not None else "max_minutes"
+                    break
+                if pause_at is not None and self.step >= pause_at and not done:
+                    self.budget_used_s = self._all_reduce([time.perf_counter() - started])[0] / world
+                    result.reason = "paused"
                     break
         if steps_timed == 0:  # resumed at max_steps already: report the state as it is
             result.val = self._eval_and_sample()
