@@ -29,8 +29,8 @@ BASE = ["train.optimizer=muon", "train.schedule=wsd"]
 # Each group: arm label -> overrides over the base. Model shapes keep roughly the parameter count of a fixed
 # wall time in mind: a wider or deeper model takes fewer steps in the same seconds.
 GROUPS: dict[str, dict[str, list[str]]] = {
-    "muon_lr": {f"muon_lr={v}": [f"train.muon_lr={v}"] for v in ("0.01", "0.02", "0.04")},
-    "adamw_lr": {f"adamw lr={v}": ["train.optimizer=adamw", f"train.lr={v}"] for v in ("0.003", "0.006", "0.012")},
+    "muon_lr": {f"muon_lr={v}": [f"train.muon_lr={v}"] for v in ("0.02", "0.04", "0.08")},
+    "adamw_lr": {f"adamw lr={v}": ["train.optimizer=adamw", f"train.lr={v}"] for v in ("0.0015", "0.003", "0.006")},
     "muon_adamw_lr": {f"muon, adamw part lr={v}": [f"train.lr={v}"] for v in ("0.003", "0.006")},
     "batch": {f"micro_batch={v}": [f"train.micro_batch_size={v}"] for v in ("8", "16", "32")},
     "context": {f"block_size={v}": [f"model.block_size={v}"] for v in ("64", "128", "256")},
