@@ -296,8 +296,9 @@ def main() -> int:
 
             quality(load, arms, args.budget, args.slice_steps, args.overrides)
         if not args.skip_throughput:
-            throughput(load_config(args.config, [*base, f"workdir={root / 'work'}",
-                                                 *args.overrides]), args.steps, args.rounds)
+            # The plain loop is AdamW's, so ours runs AdamW too for this figure.
+            throughput(load_config(args.config, [*base, f"workdir={root / 'work'}", *args.overrides,
+                                                 "train.optimizer=adamw"]), args.steps, args.rounds)
     return 0
 
 

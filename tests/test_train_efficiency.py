@@ -66,6 +66,22 @@ def test_muon_momentum_warms_up_and_deepspeed_json_fits_muon() -> None:
     assert "reduce_scatter" not in deepspeed_config(TrainConfig(), "fp32", 2)["zero_optimization"]
 
 
+def test_muon_ns_steps_reach_deepspeeds_update() -> None:
+    from deepspeed.runtime.zero.muon import original_muon
+
+    from training.optim import install_muon_update
+
+    grad = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    updates = {}
+    for steps in (1, 5):
+        install_muon_update(steps, cuda=False)
+        updates[steps] = original_muon.muon_update(grad.clone(), torch.zeros_like(grad), beta=0.9)
+    # More iterations push the singular values nearer 1 (the update towards an orthogonal matrix x sqrt(3)).
+    spread = {k: torch.linalg.svdvals(u / 3**0.5) for k, u in updates.items()}
+    assert (spread[5] - 1).abs().mean() < (spread[1] - 1).abs().mean()
+    assert not torch.allclose(updates[1], updates[5])
+
+
 def test_wsd_holds_the_peak_then_decays_over_the_last_share() -> None:
     wsd = {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "max_steps": 100, "schedule": "wsd", "decay_fraction": 0.2}
     rates = [lr_at(s, **wsd) for s in range(101)]
