@@ -194,7 +194,7 @@ def test_a_wsd_run_extended_from_its_stable_phase_equals_the_longer_run(base: Pa
     assert rest.losses == pytest.approx(longer.losses[5:], rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.slow  # inductor's first C++ builds: ~110 s on the loaded 2-core machine, ~27 s with a warm cache
+@pytest.mark.slow  # inductor's first C++ builds: the compiled run took ~110 s cold on the loaded 2 cores, 27 s warm
 def test_compile_gives_the_eager_losses(base: Path, tmp_path: Path) -> None:
     eager = build(tiny_config(workdir_from(base, tmp_path, "eager"), "train.max_steps=3")).trainer.run()
     started = time.perf_counter()
