@@ -1,6 +1,7 @@
 """Pretraining on Tiny Shakespeare: our DeepSpeed ZeRO-3 loop against a plain PyTorch loop, and time to quality.
 
     .venv/bin/python bench/pretrain.py [--config bench/pretrain_shakespeare.yaml] [--budget 186]
+                                       [--arms adamw+cosine muon+wsd ...] [--slice-steps 10]
                                        [--skip-throughput] [--skip-quality] [KEY.PATH=VALUE ...]
 
 Data: ../shared/data/tinyshakespeare/input.txt, the first 90% of its bytes as training text and the last 10% as
@@ -10,21 +11,28 @@ as nanoGPT's prepare.py is not). Prints one JSON line per figure:
 - `zero3_vs_plain_tokens_per_sec`: tokens/s of the ZeRO-3 training loop (training.loop.Trainer on a DeepSpeed
   engine) against a plain PyTorch loop (same model, same batches, AdamW, clipping, same precision), measured
   alternately in this process so both see the same machine load. Target ratio >= 0.7.
-- `seconds_to_val_bpb`: wall time from the start of the pretrain set-up (importing DeepSpeed, model, engine,
-  loaders) to the first evaluation at or under 2.72 bits per byte on the whole val split. The reference is
-  nanoGPT's CPU recipe: 186 s on this 2-core machine (../shared/data/README.md; nanoGPT is not installed here).
-- `val_bpb_at_budget`: val bits per byte when the 186 s budget (same clock) runs out.
+- `arm` (one line per arm) and `arms_side_by_side`: AdamW vs Muon and cosine vs WSD (`--arms`), the same model,
+  each trained for the same `--budget` of its own wall time in one process, taking turns of `--slice-steps`
+  steps so that all arms see the same machine load. Per arm: val bits per byte on the whole val split when
+  the budget runs out, and the wall time from the start (imports, the arm's set-up, its training and
+  evaluations) to the first evaluation at or under 2.72 bits per byte. The reference is nanoGPT's CPU recipe:
+  186 s to 2.72 on this 2-core machine (../shared/data/README.md; nanoGPT is not installed here).
+- `muon_steps_to_adamw_final`: per schedule, the first evaluated Muon step at or under AdamW's final val
+  bits per byte, over AdamW's steps (target <= 0.8).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,14 @@ def cut_data(folder: Path) -> tuple[Path, Path]:
     train.write_bytes(data[:cut])
     val.write_bytes(data[cut:])
     return train, val
+
+
+def copy_prepared(work: Path, workdir: Path) -> None:
+    """A fresh workdir holding `work`'s tokenizer and shards (prepared once, not timed)."""
+    import shutil
+
+    for name in ("tokenizer", "shards"):
+        shutil.copytree(work / name, workdir / name, dirs_exist_ok=True)
 
 
 def prepare(cfg: Any) -> dict[str, float]:
@@ -153,46 +169,95 @@ def throughput(cfg: Any, steps: int, rounds: int) -> None:
          params=setup.n_params)
 
 
-def quality(cfg: Any, budget_s: float) -> None:
-    started = time.perf_counter()
-    import mlflow
+# The arms `--arms` compares by default: the optimizer and the schedule, each with the other at today's choice.
+ARMS = {
+    "adamw+cosine": ["train.optimizer=adamw", "train.schedule=cosine"],
+    "adamw+wsd": ["train.optimizer=adamw", "train.schedule=wsd"],
+    "muon+cosine": ["train.optimizer=muon", "train.schedule=cosine"],
+    "muon+wsd": ["train.optimizer=muon", "train.schedule=wsd"],
+}
 
-    from pipeline.core.tracking import setup_experiment, tracking_uri
+
+def run_arms(load: Callable[[list[str]], Any], arms: dict[str, list[str]], budget_s: float,
+             slice_steps: int = 10) -> dict[str, dict[str, Any]]:
+    """Train every arm for `budget_s` of its own wall time, taking turns of `slice_steps` steps.
+
+    Interleaved in one process, so a change in the machine's load between arms hits all of them alike and
+    their ratios hold on a shared machine. Each arm's clock: a set-up and its own training and evaluation
+    time (Trainer's budget counts only its own turns).
+    Each arm is charged the first arm's set-up (a cold start: it imports DeepSpeed), the others' being warm.
+    `load(overrides)` gives the config of an arm, with its workdir holding tokenizer and shards.
+    """
     from pipeline.stages.pretrain import build
-    from training.metrics_logger import MetricsLogger
 
-    setup = build(cfg)
-    setup_s = time.perf_counter() - started
-    trainer = setup.trainer
-    trainer.progress = False
-    trainer.train_cfg = cfg.train.model_copy(update={"max_minutes": max(0.01, (budget_s - setup_s) / 60)})
-    client = mlflow.MlflowClient(tracking_uri(cfg))
-    run_id = client.create_run(setup_experiment(cfg), run_name="bench-pretrain").info.run_id
-    trainer.logger = MetricsLogger(run_id, tracking_uri(cfg))
-    result = trainer.run()
-    trainer.logger.close()
-    tracking = trainer.logger.overhead(result.train_seconds)
-    client.set_terminated(run_id)
-    wall = time.perf_counter() - started
-    reached = next((e for e in result.evals if e["val_bpb"] <= TARGET_BPB), None)
-    common = {"reference_seconds": NANOGPT_CPU_SECONDS, "reference": "nanoGPT CPU recipe, ../shared/data/README.md",
-              "tokenizer_vocab": setup.gcfg.vocab_size, "model": {k: getattr(setup.gcfg, k) for k in
-                                                                  ("n_layer", "n_head", "n_embd", "block_size")},
-              "micro_batch_size": cfg.train.micro_batch_size, "lr": cfg.train.lr, "precision": setup.precision,
-              "zero_stage": setup.eng.ds_config["zero_optimization"]["stage"], "params": setup.n_params}
-    if reached is not None:
-        seconds = setup_s + reached["seconds"]
-        emit("seconds_to_val_bpb", target_bpb=TARGET_BPB, seconds=round(seconds, 1), step=reached["step"],
-             val_bpb=round(reached["val_bpb"], 4), ratio_to_reference=round(seconds / NANOGPT_CPU_SECONDS, 3),
-             setup_seconds=round(setup_s, 1), **common)
-    else:
-        emit("seconds_to_val_bpb", target_bpb=TARGET_BPB, seconds=None, reached=False, **common)
-    emit("val_bpb_at_budget", budget_seconds=budget_s, val_bpb=round(result.val["val_bpb"], 4),
-         val_loss=round(result.val["val_loss"], 4), steps=result.step, wall_seconds=round(wall, 1),
-         tokens_per_sec=round(result.tokens_per_sec), reference_val_bpb=TARGET_BPB,
-         mlflow_tracking_fraction=round(tracking["tracking_fraction"], 5),
-         evals=[(e["step"], round(setup_s + e["seconds"], 1), round(e["val_bpb"], 3)) for e in result.evals],
-         **common)
+    setups: dict[str, Any] = {}
+    cold_s = 0.0
+    for name, overrides in arms.items():
+        t0 = time.perf_counter()
+        cfg = load(overrides)
+        setups[name] = build(cfg)
+        cold_s = cold_s or time.perf_counter() - t0  # the first set-up imports DeepSpeed: a user's cold start
+    # Every arm is charged the same cold start, so all train for the same time.
+    setup_s = dict.fromkeys(setups, cold_s)
+    for setup in setups.values():
+        setup.trainer.progress = False
+        setup.trainer.train_cfg = setup.trainer.train_cfg.model_copy(
+            update={"max_minutes": max(0.01, (budget_s - cold_s) / 60)})
+    results: dict[str, Any] = {}
+    evals_of: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    while len(results) < len(setups):
+        for name, setup in setups.items():
+            if name in results:
+                continue
+            result = setup.trainer.run(pause_at=setup.trainer.step + slice_steps)
+            evals_of[name] += result.evals
+            if result.reason != "paused":
+                results[name] = result
+    out = {}
+    for name, setup in setups.items():
+        result, trainer, evals = results[name], setup.trainer, evals_of[name]
+        reached = next((e for e in evals if e["val_bpb"] <= TARGET_BPB), None)
+        out[name] = {
+            "val_bpb": round(result.val["val_bpb"], 4), "val_loss": round(result.val["val_loss"], 4),
+            "steps": result.step, "stopped_by": result.reason,
+            "seconds_to_target": round(setup_s[name] + reached["seconds"], 1) if reached else None,
+            "step_at_target": reached["step"] if reached else None,
+            "setup_seconds": round(setup_s[name], 1), "train_seconds": round(trainer.budget_used_s, 1),
+            "tokens_per_sec": round(trainer.train_cfg.micro_batch_size * setup.gcfg.block_size * result.step
+                                    / max(trainer.budget_used_s, 1e-9)),
+            "evals": [(e["step"], round(setup_s[name] + e["seconds"], 1), round(e["val_bpb"], 3)) for e in evals],
+            "params": setup.n_params, "precision": setup.precision,
+        }
+    return out
+
+
+def steps_to_match(evals: list[tuple[int, float, float]], target_bpb: float) -> int | None:
+    """The first evaluated step at or under `target_bpb` (evals as run_arms reports them)."""
+    return next((step for step, _, bpb in evals if bpb <= target_bpb), None)
+
+
+def quality(load: Callable[[list[str]], Any], arms: dict[str, list[str]], budget_s: float, slice_steps: int,
+            overrides: list[str]) -> None:
+    results = run_arms(load, arms, budget_s, slice_steps)
+    cfg = load([])
+    common = {"budget_seconds": budget_s, "target_bpb": TARGET_BPB, "reference_seconds": NANOGPT_CPU_SECONDS,
+              "reference": "nanoGPT CPU recipe, ../shared/data/README.md", "tokenizer_vocab": cfg.tokenizer.vocab_size,
+              "model": {k: getattr(cfg.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
+              "micro_batch_size": cfg.train.micro_batch_size, "lr": cfg.train.lr, "muon_lr": cfg.train.muon_lr,
+              "overrides": overrides, "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+    for name, figures in results.items():
+        emit("arm", arm=name, **figures)
+    # Muon's steps to AdamW's final quality, per schedule (same model, same wall time).
+    for schedule in ("cosine", "wsd"):
+        adam, muon = results.get(f"adamw+{schedule}"), results.get(f"muon+{schedule}")
+        if adam and muon:
+            matched = steps_to_match(muon["evals"], adam["val_bpb"])
+            emit("muon_steps_to_adamw_final", schedule=schedule, adamw_val_bpb=adam["val_bpb"],
+                 adamw_steps=adam["steps"], muon_steps=matched,
+                 ratio=round(matched / adam["steps"], 3) if matched else None, target=0.8)
+    emit("arms_side_by_side", **common,
+         table={name: {k: r[k] for k in ("val_bpb", "seconds_to_target", "steps", "tokens_per_sec")}
+                for name, r in results.items()})
 
 
 def main() -> int:
@@ -202,6 +267,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per throughput round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help="the arms trained side by side (interleaved) for the quality figures")
+    parser.add_argument("--slice-steps", type=int, default=10, help="steps an arm trains before the next one's turn")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE")
@@ -218,15 +286,19 @@ def main() -> int:
         emit("prepare_seconds", **{k: round(v, 1) for k, v in seconds.items()})
         # Quality first, while DeepSpeed is not yet imported: its import and set-up count against the budget.
         if not args.skip_quality:
-            import shutil
+            arms = {name: ARMS[name] for name in args.arms}
+            workdirs = itertools.count()
 
-            timed = root / "timed"
-            for name in ("tokenizer", "shards"):
-                shutil.copytree(root / "work" / name, timed / name, dirs_exist_ok=True)
-            quality(load_config(args.config, [*base, f"workdir={timed}", *args.overrides]), args.budget)
+            def load(overrides: list[str]) -> Any:
+                timed = root / "timed" / f"arm{next(workdirs)}"
+                copy_prepared(root / "work", timed)
+                return load_config(args.config, [*base, f"workdir={timed}", *args.overrides, *overrides])
+
+            quality(load, arms, args.budget, args.slice_steps, args.overrides)
         if not args.skip_throughput:
-            throughput(load_config(args.config, [*base, f"workdir={root / 'work'}",
-                                                 *args.overrides]), args.steps, args.rounds)
+            # The plain loop is AdamW's, so ours runs AdamW too for this figure.
+            throughput(load_config(args.config, [*base, f"workdir={root / 'work'}", *args.overrides,
+                                                 "train.optimizer=adamw"]), args.steps, args.rounds)
     return 0
 
 

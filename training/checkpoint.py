@@ -224,9 +224,35 @@ def _prune(ckpt_dir: Path, keep: str) -> None:
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
     complete = [t for t in tags if (ckpt_dir / t / META).is_file()]
     kept = set(complete[-KEEP_LAST:]) | {keep}
+    stable = [m["tag"] for m in complete_metas(ckpt_dir) if m.get("stable_phase")]
+    kept |= set(stable[-1:])  # a WSD run's last checkpoint before its decay: where an extended run continues
     for tag in tags:
         if tag not in kept and tag < keep:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def rewind(eng: Any, ckpt_dir: str | Path, tag: str) -> None:
+    """Make `tag` the newest checkpoint, removing later ones (a WSD run extended from its stable phase)."""
+    import torch.distributed as dist
+
+    ckpt_dir = Path(ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the metadata it chose `tag` from
+    if eng.dist.is_main:
+        _atomic_write(ckpt_dir / LATEST, tag)
+        for path in ckpt_dir.iterdir():
+            if path.is_dir() and re.fullmatch(r"step_\d{8}", path.name) and path.name > tag:
+                shutil.rmtree(path, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def complete_metas(ckpt_dir: str | Path) -> list[dict[str, Any]]:
+    """The metadata of every complete checkpoint in `ckpt_dir`, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+    return [json.loads((ckpt_dir / t / META).read_text(encoding="utf-8")) for t in tags
+            if (ckpt_dir / t / META).is_file()]
 
 
 def load(eng: Any, ckpt_dir: str | Path, tag: str, model_config: dict[str, Any]) -> dict[str, Any]:

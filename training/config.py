@@ -39,17 +39,33 @@ class TrainConfig(Section):
 
     micro_batch_size: int = Field(16, ge=1, description="Sequences per process per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    lr: float = Field(3.0e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(3.0e-4, ge=0, description="Floor of the cosine schedule.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
+    lr: float = Field(3.0e-3, gt=0, description="Peak learning rate of AdamW (under muon: of the AdamW part).")
+    min_lr: float = Field(3.0e-4, ge=0, description="Floor of the schedule (cosine or wsd).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps at the start (cosine and wsd).")
     max_steps: int = Field(
-        2000, ge=1, description="Optimizer steps; the cosine schedule ends here (or at max_minutes).")
+        2000, ge=1, description="Optimizer steps; the schedule ends here (or at max_minutes).")
     max_minutes: float | None = Field(
         None, gt=0, description="Wall-clock budget of training, counted across resumes; stops with a checkpoint. "
-        "The cosine decay ends with it when it comes before max_steps.")
+        "The decay (cosine or wsd) ends with it when it comes before max_steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not biases or norms).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW everywhere. muon: DeepSpeed's Muon on the blocks' 2-D weights, AdamW "
+        "(train.lr, betas) on embeddings, head, biases and norms.")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak rate; the schedule scales it as it scales train.lr.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's momentum after its warm-up.")
+    muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon's momentum at step 0.")
+    muon_momentum_warmup: int = Field(300, ge=0, description="Steps from muon_momentum_start to muon_momentum.")
+    muon_ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations per Muon update.")
+    muon_ns_method: Literal["gram", "standard"] = Field(
+        "gram", description="DeepSpeed's Newton-Schulz variant (gram iterates on the smaller Gram matrix).")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine: warm-up then cosine to min_lr. wsd: warm-up, stable at lr, then a decay to "
+        "min_lr over the last decay_fraction of the steps or of max_minutes (a WSD run can be extended).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the run spent decaying.")
+    decay_shape: Literal["linear", "1-sqrt"] = Field("linear", description="wsd: shape of the decay.")
+    compile: bool = Field(False, description="torch.compile the model under DeepSpeed (engine.compile).")
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off (muon: off, ZeRO would clip Muon's updates).")
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the device computes it natively, else fp32."

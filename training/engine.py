@@ -164,11 +164,24 @@ def deepspeed_config(train: TrainConfig, precision: str, world_size: int) -> dic
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
     }
+    if train.optimizer == "muon":
+        muon_deepspeed_keys(cfg)
     if train.activation_checkpointing:
         cfg["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
     merged = deep_merge(cfg, train.deepspeed)
     _check_batch_keys(merged, world_size)
     return merged
+
+
+def muon_deepspeed_keys(cfg: dict[str, Any]) -> None:
+    """What DeepSpeed's Muon needs: ZeRO-3 gathers whole gradients (no reduce-scatter), and no clipping.
+
+    ZeRO takes the clipping norm over Muon's orthogonalized updates (norm ~ sqrt(width) per matrix), so a
+    clip of 1 would shrink every Muon step by that norm; Muon's updates are bounded by construction.
+    """
+    if cfg["zero_optimization"]["stage"] == 3:
+        cfg["zero_optimization"]["reduce_scatter"] = False
+    cfg["gradient_clipping"] = 0.0
 
 
 def _check_batch_keys(cfg: dict[str, Any], world_size: int) -> None:
@@ -201,20 +214,21 @@ class Engine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups keep their ratio to AdamW's rate
 
 
 def build_engine(model: Any, train: TrainConfig, dist: Dist) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with torch's AdamW (no compiled ops needed, CPU or GPU)."""
+    """Wrap `model` in a DeepSpeed engine with `train.optimizer` (no compiled ops needed, CPU or GPU)."""
     import deepspeed
-    import torch
+
+    from training.optim import build_optimizer
 
     precision = resolve_precision(train.precision, dist.device)
     ds_config = deepspeed_config(train, precision, dist.world_size)
-    groups = param_groups(model, train.weight_decay)
-    fused = dist.device.startswith("cuda")
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=1e-8, fused=fused)
+    optimizer = build_optimizer(model, train, cuda=dist.device.startswith("cuda"))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if train.compile:
+        engine.compile()  # torch.compile of the module inside the engine; ZeRO-3's hooks stay outside the graph
     return Engine(engine=engine, optimizer=optimizer, ds_config=ds_config, precision=precision, dist=dist)
 
 

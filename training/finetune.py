@@ -57,6 +57,7 @@ def task_train_config(base: TrainConfig, task: TaskConfig) -> TrainConfig:
     return base.model_copy(update={
         **task_schedule(task), "micro_batch_size": task.micro_batch_size, "grad_accum": 1, "max_minutes": None,
         "precision": task.precision or base.precision,
+        "optimizer": "adamw", "schedule": "cosine",  # task_schedule is a cosine; Muon is a pretraining choice
     })
 
 

@@ -23,8 +23,9 @@ from training import checkpoint, checkpoint_integrity
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
+from training.optim import muon_momentum_at, set_muon_momentum
 from training.progress import duration, eta_seconds
-from training.schedule import lr_at
+from training.schedule import extension_tag, in_stable_phase, schedule_meta, train_lr
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -59,7 +60,7 @@ class StopRequest:
 @dataclass
 class LoopResult:
     step: int
-    reason: str  # "max_steps", "max_minutes" or "signal"
+    reason: str  # "max_steps", "max_minutes", "signal" or "paused" (run(pause_at=...))
     checkpoint: str | None
     train_loss: float | None = None
     val: dict[str, float] = field(default_factory=dict)
@@ -87,6 +88,7 @@ class Trainer:
     progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
     step: int = 0
     budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
+    stable_phase: bool = False  # every step so far ran before a WSD decay (the state can continue a longer run)
 
     # ------------------------------------------------------------ resume
 
@@ -95,6 +97,11 @@ class Trainer:
         tag = checkpoint_integrity.resume_tag(self.ckpt_dir, self.eng.dist.is_main)  # skips damaged ones
         if tag is None:
             return None
+        chosen = extension_tag(self.ckpt_dir, tag, self.train_cfg)
+        if chosen != tag:
+            checkpoint.rewind(self.eng, self.ckpt_dir, chosen)
+            tag = chosen
+        self.stable_phase = bool(checkpoint.read_meta(self.ckpt_dir, tag).get("stable_phase"))
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
         self.step = int(state["step"])
         self.budget_used_s = float(state.get("budget_used_s", 0.0))  # absent in checkpoints of older versions
@@ -105,7 +112,8 @@ class Trainer:
     def save(self, loader_state: dict[str, Any] | None = None) -> str:
         client = {"step": self.step, "loader": loader_state or self.loader.state_dict(),
                   "rng": checkpoint.rng_state(), "budget_used_s": self.budget_used_s}
-        return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, self.meta)
+        meta = {**self.meta, **schedule_meta(self.train_cfg, self.stable_phase)}
+        return checkpoint.save(self.eng, self.ckpt_dir, self.step, client, meta)
 
     # ------------------------------------------------------------ one step
 
@@ -184,7 +192,9 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> LoopResult:
+    def run(self, pause_at: int | None = None) -> LoopResult:
+        """Train to max_steps, the budget or a signal. `pause_at`: return after that step (reason "paused") so
+        another run can take turns with this one (bench/pretrain.py interleaves its arms); call run() again."""
         cfg = self.train_cfg
         world = self.eng.dist.world_size
         tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * self.block_size
@@ -196,9 +206,12 @@ class Trainer:
         last_saved: str | None = None
         with StopRequest() as stop_request:
             while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps,
-                           budget_spent=self.budget_used_s / budget_s)
+                spent = self.budget_used_s / budget_s
+                lr = train_lr(cfg, self.step, spent)
                 self.eng.set_lr(lr)
+                if cfg.optimizer == "muon":
+                    set_muon_momentum(self.eng.engine, self.eng.optimizer, muon_momentum_at(self.step, cfg))
+                self.stable_phase = in_stable_phase(cfg, self.step, spent) and (self.step == 0 or self.stable_phase)
                 t0 = time.perf_counter()
                 over_budget = time.perf_counter() - started >= budget_s
 
@@ -224,10 +237,16 @@ class Trainer:
                     result.evals.append({"step": self.step, "seconds": time.perf_counter() - started, **result.val})
                 if stop:  # all ranks are here together: count the evaluation above in the saved budget too
                     self.budget_used_s = self._all_reduce([time.perf_counter() - started])[0] / world
-                if self.step % cfg.checkpoint_every == 0 or done or stop:
+                # The last stable-phase state of a WSD run is kept: a longer run continues from it.
+                decays_next = self.stable_phase and not in_stable_phase(cfg, self.step, self.budget_used_s / budget_s)
+                if self.step % cfg.checkpoint_every == 0 or done or stop or decays_next:
                     last_saved = self.save()
                 if stop:
                     result.reason = "signal" if stop_request.signal is not None else "max_minutes"
+                    break
+                if pause_at is not None and self.step >= pause_at and not done:
+                    self.budget_used_s = self._all_reduce([time.perf_counter() - started])[0] / world
+                    result.reason = "paused"
                     break
         if steps_timed == 0:  # resumed at max_steps already: report the state as it is
             result.val = self._eval_and_sample()

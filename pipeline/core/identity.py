@@ -33,6 +33,7 @@ _HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha25
 class Identity:
     hash: str
     parts: dict[str, Any] = field(default_factory=dict)
+    resume: str = ""  # the identity with the stage's resume_config: equal means the outputs can be continued
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -103,9 +104,15 @@ def compute(cfg: Config, name: str) -> Identity:
         parts["inputs"] = fingerprint_files(lister(cfg), marker.get("parts", {}).get("inputs"))
     for up in stage.upstream:
         parts["upstream"][up] = upstream_digest(cfg, up)
-    text = json.dumps({"config": config_hash, "inputs": {k: _file_key(v) for k, v in parts["inputs"].items()},
-                       "upstream": parts["upstream"]}, sort_keys=True)
-    return Identity(hashlib.sha256(text.encode()).hexdigest()[:16], parts)
+    rest = {"inputs": {k: _file_key(v) for k, v in parts["inputs"].items()}, "upstream": parts["upstream"]}
+    ident = Identity(_digest({"config": config_hash, **rest}), parts)
+    resumable = stage.hook("resume_config")
+    ident.resume = _digest({"config": _digest(resumable(cfg)), **rest}) if resumable else ident.hash
+    return ident
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def upstream_digest(cfg: Config, name: str) -> str:

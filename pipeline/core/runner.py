@@ -99,21 +99,23 @@ def clean_outputs(cfg: Config, spec: StageSpec) -> None:
 
 
 def prepare(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool) -> bool:
-    """Clean or resume (rank 0): True when an interrupted run of this very identity is continued."""
+    """Clean or resume (rank 0): True when earlier outputs are continued (an interrupted run of this identity,
+    or outputs the stage can carry on from, like a WSD run given more steps); else they are removed."""
     paths = workdir_of(cfg)
     marker = identity.read_marker(cfg, spec.name)
     started = identity.read_json(paths.started(spec.name))
-    resumed = started is not None and started.get("hash") == ident.hash and marker is None and not force
     previous = marker or started
-    if not resumed:
-        if previous is not None and previous.get("hash") != ident.hash:
-            why = identity.explain(previous, ident, spec.sections)
-            print(f"[{spec.name}] running again: {why}", flush=True)
-        if previous is not None or force:
-            clean_outputs(cfg, spec)
-        paths.marker(spec.name).unlink(missing_ok=True)
-    _write_json(paths.started(spec.name), {"stage": spec.name, "hash": ident.hash, "parts": ident.parts,
-                                            "at": time.time()})
+    interrupted = started is not None and started.get("hash") == ident.hash and marker is None
+    continued = previous is not None and previous.get("resume", previous.get("hash")) == ident.resume
+    resumed = not force and (interrupted or continued)
+    if previous is not None and previous.get("hash") != ident.hash:
+        why = identity.explain(previous, ident, spec.sections)
+        print(f"[{spec.name}] {'continuing' if resumed else 'running again'}: {why}", flush=True)
+    if not resumed and (previous is not None or force):
+        clean_outputs(cfg, spec)
+    paths.marker(spec.name).unlink(missing_ok=True)
+    _write_json(paths.started(spec.name), {"stage": spec.name, "hash": ident.hash, "resume": ident.resume,
+                                            "parts": ident.parts, "at": time.time()})
     return resumed
 
 
@@ -257,7 +259,7 @@ def write_marker(cfg: Config, name: str, summary: dict[str, Any], started: float
     except (OSError, ValueError, KeyError):  # outputs not all there (a marker written by hand): no digest
         digest = ""
     paths = workdir_of(cfg)
-    body = {"stage": name, "hash": ident.hash, "parts": ident.parts, "digest": digest,
+    body = {"stage": name, "hash": ident.hash, "resume": ident.resume, "parts": ident.parts, "digest": digest,
             "started": started, "finished": time.time(), "summary": summary, "warnings": warnings or []}
     _write_json(paths.marker(name), body)
     paths.started(name).unlink(missing_ok=True)

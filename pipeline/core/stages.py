@@ -33,6 +33,9 @@ class StageSpec:
     digest: str | None = None
     # "module:function": cfg -> dict, the config the identity covers (default: the `sections`, as they are).
     identity_config: str | None = None
+    # "module:function": cfg -> dict, the config that decides whether earlier outputs can be continued rather
+    # than removed when the identity changed (a WSD run given more steps extends its checkpoints).
+    resume_config: str | None = None
     # Extra command-line switches: (flag, the override it stands for, help).
     flags: tuple[tuple[str, str, str], ...] = ()
     # As a Slurm job: its batch template (slurm/templates/<name>.sbatch), whether its work is datatrove steps
@@ -97,7 +100,8 @@ register(StageSpec(
 register(StageSpec(
     "pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run",
     "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",),
-    digest="pipeline.stages.pretrain:digest", template="pretrain", ranks=True))
+    digest="pipeline.stages.pretrain:digest", resume_config="pipeline.stages.pretrain:resume_config",
+    template="pretrain", ranks=True))
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.
 register(StageSpec(

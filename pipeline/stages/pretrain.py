@@ -26,6 +26,13 @@ def pretrain_paths(cfg: Config) -> dict[str, Path]:
             "checkpoints": paths.checkpoints, "export": paths.export}
 
 
+def resume_config(cfg: Config) -> dict[str, Any]:
+    """The config as far as it decides whether the checkpoints can be continued: a WSD run's max_steps may grow."""
+    from training.schedule import resumable_train
+
+    return cfg.model_copy(update={"train": resumable_train(cfg.train)}).section_dump("model", "train")
+
+
 def digest(cfg: Config) -> str:
     """What pretraining produced: the export's files (name, size, modification time)."""
     export = workdir_of(cfg).export
