@@ -72,3 +72,14 @@ def console_to(log: Path) -> Iterator[None]:
         os.close(saved_fd)
         worker.join(timeout=10)
         terminal.close()
+        _loguru_to_stderr()
+
+
+def _loguru_to_stderr() -> None:
+    """datatrove's last task left loguru writing to the stream this block replaced: point it back at the
+    terminal, warnings only (datatrove's readers outside an executor, as the tokenizer uses, say little)."""
+    with contextlib.suppress(ImportError, ValueError):
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
