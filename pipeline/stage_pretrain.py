@@ -106,6 +106,7 @@ def build(cfg: Config) -> PretrainSetup:
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import eot_id, load_tokenizer
     from training.data import PackedLoader
+    from training.elastic import batch_sizes
     from training.engine import (
         available_memory,
         build_engine,
@@ -127,6 +128,7 @@ def build(cfg: Config) -> PretrainSetup:
     train = cfg.train
 
     dist = init_distributed()
+    train = batch_sizes(train, dist.world_size)  # grad_accum from train.global_batch_size, when set
     precision = resolve_precision(train.precision, dist.device)
     _seed_everything(train.seed)
     model = GPT(gcfg)
@@ -172,7 +174,8 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
                                                     setup.sampler, trainer.meta)
     resumed = trainer.resume()
     if resumed and dist.is_main:
-        print(f"[pretrain] resumed from {paths['checkpoints'] / resumed} at step {trainer.step}", flush=True)
+        print(f"[pretrain] resumed from {paths['checkpoints'] / resumed} at step {trainer.step} "
+              f"{trainer.resumed_how}", flush=True)
 
     tags = {"config_hash": cfg.section_hash("model", "train"), "shard_manifest_sha256": meta["manifest_sha256"],
             "tokenizer_sha256": meta["tokenizer_sha256"]}

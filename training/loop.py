@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import ScratchgptError
-from training import checkpoint
+from training import checkpoint, elastic
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
@@ -86,6 +86,7 @@ class Trainer:
     progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
     step: int = 0
     budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
+    resumed_how: str = ""  # "(written by 2 processes) on 1 process", after resume()
 
     # ------------------------------------------------------------ resume
 
@@ -95,6 +96,7 @@ class Trainer:
         if tag is None:
             return None
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
+        self.resumed_how = elastic.resumed_how(checkpoint.read_meta(self.ckpt_dir, tag), self.eng.dist.world_size)
         self.step = int(state["step"])
         self.budget_used_s = float(state.get("budget_used_s", 0.0))  # absent in checkpoints of older versions
         self.loader.load_state_dict(state["loader"])
