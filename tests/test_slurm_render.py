@@ -245,3 +245,11 @@ def test_run_with_the_slurm_executor_submits(inputs: Path, monkeypatch: pytest.M
     assert main(["run", str(config)]) == 2
     assert "`sbatch` is not on PATH" in capsys.readouterr().err
     assert not (inputs / "w" / "prep").exists()
+
+
+def test_pretrain_may_ask_for_a_node_range(inputs: Path) -> None:
+    assert "--nodes=1-2" in sbatch_options(render(cfg(inputs, "slurm.nodes=1-2"), "pretrain").text)
+    assert cfg(inputs, "slurm.nodes=3").slurm.nodes == 3
+    for bad in ("0", "2-1", "two", "1-", "1-2-3"):
+        with pytest.raises(ConfigError, match="node count .* or a range"):
+            cfg(inputs, f"slurm.nodes={bad}")
