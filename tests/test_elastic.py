@@ -23,7 +23,7 @@ from training.config import TrainConfig
 from training.engine import EngineError
 
 # The tiny model with 8 sequences per step whatever the world size (grad_accum follows from it).
-ELASTIC = [o for o in TINY if not o.startswith("train.grad_accum")] + ["train.global_batch_size=8"]
+ELASTIC = [*TINY, "train.global_batch_size=8"]
 
 
 def elastic_config(workdir: Path, *overrides: str):
@@ -185,4 +185,8 @@ def test_grad_accum_follows_the_world_size() -> None:
 def test_global_batch_and_grad_accum_together_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="global_batch_size or train.grad_accum, not both"):
         load_config(None, [f"workdir={tmp_path}", "train.global_batch_size=8", "train.grad_accum=2"])
+    # A config snapshot (scratchgpt submit) writes every key back, grad_accum 1 included: still valid.
+    train = load_config(None, [f"workdir={tmp_path}", "train.grad_accum=1", "train.global_batch_size=8",
+                               "train.micro_batch_size=2"]).train
+    assert elastic.batch_sizes(train, 2).grad_accum == 2
 

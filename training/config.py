@@ -43,7 +43,7 @@ class TrainConfig(Section):
     global_batch_size: int | None = Field(
         None, ge=1, description="Sequences per optimizer step over all processes; grad_accum then follows "
         "from the world size (global / (micro_batch_size x processes)), so a resume on another number of "
-        "processes is the same run. Leave grad_accum unset with it.")
+        "processes is the same run. Leave grad_accum unset (1) with it.")
     lr: float = Field(3.0e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(3.0e-4, ge=0, description="Floor of the cosine schedule.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
@@ -75,7 +75,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _one_batch_rule(self) -> TrainConfig:
-        if self.global_batch_size is not None and "grad_accum" in self.model_fields_set:
+        # grad_accum 1 (the default, and what a config snapshot writes back) means "derived".
+        if self.global_batch_size is not None and self.grad_accum != 1:
             raise ValueError("set train.global_batch_size or train.grad_accum, not both: with "
                              "global_batch_size, grad_accum follows from the number of processes")
         return self
