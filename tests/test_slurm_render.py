@@ -248,7 +248,11 @@ def test_run_with_the_slurm_executor_submits(inputs: Path, monkeypatch: pytest.M
 
 
 def test_pretrain_may_ask_for_a_node_range(inputs: Path) -> None:
-    assert "--nodes=1-2" in sbatch_options(render(cfg(inputs, "slurm.nodes=1-2"), "pretrain").text)
+    text = render(cfg(inputs, "slurm.nodes=1-2", "slurm.tasks_per_node=4"), "pretrain").text
+    assert "--nodes=1-2" in sbatch_options(text)
+    # The step follows the nodes this run got, not the task count the job was submitted with.
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert '--nodes="${SLURM_JOB_NUM_NODES}" --ntasks="$((SLURM_JOB_NUM_NODES * 4))"' in srun
     assert cfg(inputs, "slurm.nodes=3").slurm.nodes == 3
     for bad in ("0", "2-1", "two", "1-", "1-2-3"):
         with pytest.raises(ConfigError, match="node count .* or a range"):

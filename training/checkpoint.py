@@ -222,6 +222,11 @@ def load(eng: Any, ckpt_dir: str | Path, tag: str, model_config: dict[str, Any])
     meta = read_meta(ckpt_dir, tag)
     where = str(ckpt_dir / tag)
     check_compatible(meta, model_config, where)
+    if meta.get("precision") != eng.precision:
+        raise CheckpointError(
+            f"checkpoint {where} was trained in {meta.get('precision')}, this run uses {eng.precision}; "
+            f"set train.precision={meta.get('precision')}"
+        )
     from training import elastic
 
     load_dir, load_tag, universal = ckpt_dir, tag, contextlib.nullcontext()
@@ -231,11 +236,6 @@ def load(eng: Any, ckpt_dir: str | Path, tag: str, model_config: dict[str, Any])
             elastic.prepare(ckpt_dir / tag, eng.dist.is_main)
             load_dir, load_tag = ckpt_dir / tag, elastic.UNIVERSAL
             universal = elastic.universal_loading(eng)
-    if meta.get("precision") != eng.precision:
-        raise CheckpointError(
-            f"checkpoint {where} was trained in {meta.get('precision')}, this run uses {eng.precision}; "
-            f"set train.precision={meta.get('precision')}"
-        )
     _install_safe_checkpoint_engine(eng.engine)
     try:
         with universal:

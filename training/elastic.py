@@ -212,11 +212,17 @@ def universal_loading(eng: Any):
     """
     config = eng.engine._config
     before = config.load_universal_checkpoint
+    # DeepSpeed 0.19's ZeRO-3 universal load copies the first param group's settings onto every group, so
+    # biases and norms would get the matrices' weight decay. The groups' settings come from the config
+    # (unchanged on a resume; the learning rate is set every step), so they are put back after the load.
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in eng.optimizer.param_groups]
     config.load_universal_checkpoint = True
     try:
         yield
     finally:
         config.load_universal_checkpoint = before
+    for group, saved in zip(eng.optimizer.param_groups, settings, strict=True):
+        group.update(saved)
     untie_step_counters(eng.optimizer)
 
 

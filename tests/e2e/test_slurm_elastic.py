@@ -77,8 +77,9 @@ def test_preempted_on_two_nodes_requeued_onto_one_finishes_like_an_unbroken_run(
         while (state := slurm_cluster.job_state(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"):
             assert time.monotonic() < deadline, state
             if state["Restarts"] != "0" and state["JobState"] == "PENDING":
-                if not shrunk:
-                    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1")
+                if not shrunk:  # what the job may take now: one node, one task (Slurm keeps 2 x 1 otherwise)
+                    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1",
+                                      "NumCPUs=1")
                     shrunk = True
                 if state.get("Reason") == "BeginTime" and nodes_settled(slurm_cluster):
                     # Slurm holds a requeued job for its credential lifetime (120 s); the test bed need not wait.
