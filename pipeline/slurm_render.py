@@ -190,6 +190,9 @@ def render(cfg: Config, stage: str) -> JobScript:
         "tasks_per_node": str(s.tasks_per_node),
         "signal_seconds": str(s.signal_seconds),
         "srun_options": f"--ntasks-per-node={s.tasks_per_node} --cpus-per-task={s.cpus_per_task}",
+        # The job that releases a requeued pretraining job runs in the same partition and account.
+        "release_options": " ".join(f"--{key}={check_value(key, value)}" for key, value in
+                                    (("partition", s.partition), ("account", s.account)) if value),
     }
     template = "data" if stage in DATA_STAGES else stage
     text = render_template(template, values)

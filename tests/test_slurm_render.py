@@ -57,7 +57,8 @@ def test_pretrain_script_carries_the_config(inputs: Path) -> None:
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--ntasks-per-node=8 --cpus-per-task=6" in srun
     assert srun.endswith(f"-m pipeline.slurm_submit task pretrain {work}/slurm/config.yaml")
-    assert 'scontrol requeue "${SLURM_JOB_ID}"' in script.text
+    assert 'scontrol requeuehold "${SLURM_JOB_ID}"' in script.text
+    assert '--partition=debug --account=proj_42 --wrap "scontrol release ${SLURM_JOB_ID}"' in script.text
 
 
 @pytest.mark.parametrize("arrays", [True, False])
