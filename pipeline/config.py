@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,7 +51,9 @@ class SlurmConfig(Section):
 
     partition: str | None = Field(None, description="Partition (sbatch --partition).")
     account: str | None = Field(None, description="Account (sbatch --account).")
-    nodes: int = Field(1, ge=1, description="Nodes for pretraining.")
+    nodes: int | str = Field(1, description="Nodes for pretraining: a count (2), or a range (1-2) that Slurm "
+                             "fills with what is free; a requeued run resumes on whatever it gets (set "
+                             "train.global_batch_size so the batch stays the same).")
     tasks_per_node: int = Field(1, ge=1, description="Processes per node for pretraining (one per device).")
     cpus_per_task: int = Field(1, ge=1, description="CPUs per process.")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0 on CPU clusters).")
@@ -80,6 +83,15 @@ class SlurmConfig(Section):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("nodes")
+    @classmethod
+    def _count_or_range(cls, value: int | str) -> int | str:
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", str(value).strip())
+        low, high = (int(match.group(1)), match.group(2)) if match else (0, None)
+        if low < 1 or (high is not None and int(high) < low):
+            raise ValueError(f"expected a node count (2) or a range min-max (1-2), got {value!r}")
+        return low if high is None else f"{low}-{int(high)}"
 
 
 class TrackingConfig(Section):

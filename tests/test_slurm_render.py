@@ -57,7 +57,8 @@ def test_pretrain_script_carries_the_config(inputs: Path) -> None:
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--ntasks-per-node=8 --cpus-per-task=6" in srun
     assert srun.endswith(f"-m pipeline.slurm.submit task pretrain {work}/slurm/config.yaml")
-    assert 'scontrol requeue "${SLURM_JOB_ID}"' in script.text
+    assert 'scontrol requeuehold "${SLURM_JOB_ID}"' in script.text
+    assert '--partition=debug --account=proj_42 --wrap "scontrol release ${SLURM_JOB_ID}"' in script.text
 
 
 @pytest.mark.parametrize("arrays", [True, False])
@@ -246,3 +247,15 @@ def test_run_with_the_slurm_executor_submits(inputs: Path, monkeypatch: pytest.M
     assert main(["run", str(config)]) == 2
     assert "`sbatch` is not on PATH" in capsys.readouterr().err
     assert not (inputs / "w" / "prep").exists()
+
+
+def test_pretrain_may_ask_for_a_node_range(inputs: Path) -> None:
+    text = render(cfg(inputs, "slurm.nodes=1-2", "slurm.tasks_per_node=4"), "pretrain").text
+    assert "--nodes=1-2" in sbatch_options(text)
+    # The step follows the nodes this run got, not the task count the job was submitted with.
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert '--nodes="${SLURM_JOB_NUM_NODES}" --ntasks="$((SLURM_JOB_NUM_NODES * 4))"' in srun
+    assert cfg(inputs, "slurm.nodes=3").slurm.nodes == 3
+    for bad in ("0", "2-1", "two", "1-", "1-2-3"):
+        with pytest.raises(ConfigError, match="node count .* or a range"):
+            cfg(inputs, f"slurm.nodes={bad}")

@@ -11,13 +11,14 @@ not to (`save_latest=False`); after a barrier rank 0 writes `scratchgpt.json`
 (the model shape, the step, file sizes) and then swaps `latest` in with
 `os.replace`. A checkpoint without `scratchgpt.json` is never pointed at.
 
-Files are read with `torch.load(weights_only=True)`; the two DeepSpeed classes a
+Files are read with `torch.load(weights_only=True)`; the three small DeepSpeed classes a
 ZeRO checkpoint holds are allow-listed by name, nothing else unpickles. `scratchgpt.json` also
 holds every file's sha256 (training.checkpoint_integrity checks them on resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -148,12 +149,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _safe_globals() -> list[Any]:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # two ints, in ZeRO-1/2 optimizer files
 
-    return [ZeroStageEnum, LossScaler]
+    return [ZeroStageEnum, LossScaler, fragment_address]
 
 
 def safe_load(path: str | Path, mmap: bool = False) -> Any:
-    """`torch.load` with `weights_only=True`: tensors and plain containers only, plus DeepSpeed's two enums."""
+    """`torch.load` with `weights_only=True`: tensors and plain containers, plus three small DeepSpeed classes."""
     import torch
 
     try:
@@ -210,7 +212,8 @@ def save(eng: Any, ckpt_dir: str | Path, step: int, client: dict[str, Any], meta
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != META}
         body = {**meta, "step": step, "tag": tag, "world_size": eng.dist.world_size,
                 "zero_stage": eng.ds_config["zero_optimization"]["stage"], "precision": eng.precision,
-                "files": files, "sha256": file_hashes(tag_dir, files)}
+                "global_batch": eng.ds_config["train_batch_size"], "files": files,
+                "sha256": file_hashes(tag_dir, files)}
         _atomic_write(tag_dir / META, json.dumps(body, indent=2))
         _atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep=tag)
@@ -261,20 +264,25 @@ def load(eng: Any, ckpt_dir: str | Path, tag: str, model_config: dict[str, Any])
     meta = read_meta(ckpt_dir, tag)
     where = str(ckpt_dir / tag)
     check_compatible(meta, model_config, where)
-    if meta.get("world_size") != eng.dist.world_size and meta.get("zero_stage", 0) > 0:
-        raise CheckpointError(
-            f"checkpoint {where} was written by {meta.get('world_size')} processes with ZeRO stage "
-            f"{meta.get('zero_stage')}; its partitions need the same number, this run has {eng.dist.world_size}"
-        )
     if meta.get("precision") != eng.precision:
         raise CheckpointError(
             f"checkpoint {where} was trained in {meta.get('precision')}, this run uses {eng.precision}; "
             f"set train.precision={meta.get('precision')}"
         )
+    from training import elastic
+
+    load_dir, load_tag, universal = ckpt_dir, tag, contextlib.nullcontext()
+    if meta.get("world_size") != eng.dist.world_size:
+        elastic.check_same_batch(meta, eng.ds_config, eng.dist.world_size, where)
+        if elastic.needs_universal(meta, eng.dist.world_size):  # ZeRO partitions fit only as many ranks
+            elastic.prepare(ckpt_dir / tag, eng.dist.is_main)
+            load_dir, load_tag = ckpt_dir / tag, elastic.UNIVERSAL
+            universal = elastic.universal_loading(eng)
     _install_safe_checkpoint_engine(eng.engine)
     try:
-        path, client = eng.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+        with universal:
+            path, client = eng.engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
     except CheckpointError:
         raise
     except Exception as exc:

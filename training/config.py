@@ -39,6 +39,10 @@ class TrainConfig(Section):
 
     micro_batch_size: int = Field(16, ge=1, description="Sequences per process per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per optimizer step over all processes; grad_accum then follows "
+        "from the world size (global / (micro_batch_size x processes)), so a resume on another number of "
+        "processes is the same run. Leave grad_accum unset (1) with it.")
     lr: float = Field(3.0e-3, gt=0, description="Peak learning rate of AdamW (under muon: of the AdamW part).")
     min_lr: float = Field(3.0e-4, ge=0, description="Floor of the schedule (cosine or wsd).")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps at the start (cosine and wsd).")
@@ -82,6 +86,15 @@ class TrainConfig(Section):
         default_factory=dict,
         description="Keys merged over the generated DeepSpeed JSON (nested mappings merge key by key).",
     )
+
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> TrainConfig:
+        # grad_accum 1 (the default, and what a config snapshot writes back) means "derived".
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ValueError("set train.global_batch_size or train.grad_accum, not both: with "
+                             "global_batch_size, grad_accum follows from the number of processes")
+        return self
 
 
 class TaskConfig(Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import ScratchgptError
-from training import checkpoint, checkpoint_integrity
+from training import checkpoint, checkpoint_integrity, elastic
 from training.config import TrainConfig
 from training.engine import Engine
 from training.metrics_logger import MetricsLogger
@@ -89,6 +89,7 @@ class Trainer:
     step: int = 0
     budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
     stable_phase: bool = False  # every step so far ran before a WSD decay (the state can continue a longer run)
+    resumed_how: str = ""  # "(written by 2 processes) on 1 process", after resume()
 
     # ------------------------------------------------------------ resume
 
@@ -103,6 +104,7 @@ class Trainer:
             tag = chosen
         self.stable_phase = bool(checkpoint.read_meta(self.ckpt_dir, tag).get("stable_phase"))
         state = checkpoint.load(self.eng, self.ckpt_dir, tag, self.meta["model_config"])
+        self.resumed_how = elastic.resumed_how(checkpoint.read_meta(self.ckpt_dir, tag), self.eng.dist.world_size)
         self.step = int(state["step"])
         self.budget_used_s = float(state.get("budget_used_s", 0.0))  # absent in checkpoints of older versions
         self.loader.load_state_dict(state["loader"])

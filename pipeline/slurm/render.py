@@ -163,6 +163,9 @@ def render(cfg: Config, stage: str) -> JobScript:
         "tasks_per_node": str(s.tasks_per_node),
         "signal_seconds": str(s.signal_seconds),
         "srun_options": f"--ntasks-per-node={s.tasks_per_node} --cpus-per-task={s.cpus_per_task}",
+        # The job that releases a requeued pretraining job runs in the same partition and account.
+        "release_options": " ".join(f"--{key}={check_value(key, value)}" for key, value in
+                                    (("partition", s.partition), ("account", s.account)) if value),
     }
     text = render_template(STAGES[stage].template, values)
     return JobScript(stage, text, slurm_dir(cfg) / f"{stage}.sbatch", f"{slurm_dir(cfg) / 'logs'}/%x-%j.out")

@@ -310,7 +310,10 @@ def run_task(stage: str, config: Path) -> int:
     print(f"[slurm] rank {env.rank}/{env.world_size} on {socket.gethostname()} (node {env.node_rank}, local rank "
           f"{env.local_rank}), master {env.master_addr}:{env.master_port}", flush=True)
     env.apply_to_environ()  # before the stage: rank 0 alone writes its marker and summary
-    code = stage_main(stage, config)
+    try:
+        code = stage_main(stage, config)
+    except SystemExit as exc:  # a stop by signal exits 0 from inside the stage: still leave together below
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -96,6 +96,7 @@ def build(cfg: Config) -> PretrainSetup:
     from dataprep.shards import manifest_sha256
     from dataprep.tokenizer import eot_id, load_tokenizer
     from training.data import PackedLoader
+    from training.elastic import batch_sizes
     from training.engine import (
         available_memory,
         build_engine,
@@ -120,6 +121,7 @@ def build(cfg: Config) -> PretrainSetup:
     train = cfg.train
 
     dist = init_distributed()
+    train = batch_sizes(train, dist.world_size)  # grad_accum from train.global_batch_size, when set
     precision = resolve_precision(train.precision, dist.device)
     _seed_everything(train.seed)
     model = GPT(gcfg)
@@ -168,7 +170,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                                     setup.sampler, trainer.meta)
     resumed = trainer.resume()
     if resumed and dist.is_main:
-        print(f"[pretrain] resumed from {paths['checkpoints'] / resumed} at step {trainer.step}", flush=True)
+        print(f"[pretrain] resumed from {paths['checkpoints'] / resumed} at step {trainer.step} "
+              f"{trainer.resumed_how}", flush=True)
 
     if ctx.run is not None:
         mlflow.set_tags({PRETRAIN_MANIFEST_TAG: meta["manifest_sha256"], TOKENIZER_TAG: meta["tokenizer_sha256"]})

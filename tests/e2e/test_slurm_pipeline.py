@@ -145,18 +145,10 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
         time.sleep(0.2)
     # What Slurm sends before the time limit (--signal=USR1@...): USR1 to the tasks of the job's steps.
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
-    relaunches = 0
     deadline = time.monotonic() + 240
     while (state := slurm_cluster.job_state(job_id))["JobState"] != "COMPLETED":
         assert time.monotonic() < deadline, state
-        if state["JobState"] == "FAILED" and state["Restarts"] != "0" and state["RunTime"] == "00:00:00" \
-                and relaunches == 0:
-            # Slurm 22.05 on this one-machine test bed sometimes relaunches a job that requeued itself at once,
-            # and that launch fails before the script runs (RunTime 0, nothing in the log). Requeue it again, as
-            # an operator would; the resume below is still checked in full.
-            slurm_cluster.run("scontrol", "requeue", job_id)
-            relaunches += 1
-        elif state["JobState"] in ("FAILED", "CANCELLED"):
+        if state["JobState"] in ("FAILED", "CANCELLED"):
             break
         elif state["Restarts"] != "0" and state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
             # Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s): the test bed need not,
@@ -166,7 +158,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
         time.sleep(0.5)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED", f"{state}\n{text[-4000:]}"
-    assert int(state["Restarts"]) == 1 + relaunches, state
+    assert state["Restarts"] == "1", state  # requeued once, by the job itself: no help from the test
     stopped = re.search(r"stopped by signal after step (\d+)", text)
     assert stopped and 2 <= int(stopped.group(1)) < STEPS, text[-4000:]
     step = int(stopped.group(1))
