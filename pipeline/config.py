@@ -271,7 +271,8 @@ def import_custom(modules: list[str], where: str) -> None:
                 path = Path(name).resolve()
                 if not path.is_file():
                     raise ConfigError(f"{where}: `{key}`: file {name!r} does not exist")
-                module_name = f"scratchgpt_custom_{path.stem}"
+                digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]  # a.py and b/a.py are two modules
+                module_name = f"scratchgpt_custom_{path.stem}_{digest}"
                 if module_name in sys.modules:
                     continue
                 spec = importlib.util.spec_from_file_location(module_name, path)

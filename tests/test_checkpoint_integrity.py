@@ -156,7 +156,8 @@ def test_two_ranks_agree_on_the_intact_checkpoint_to_resume_from(base: Path, tmp
     first = torchrun()
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = workdir / "pretrain" / "checkpoints"
-    (workdir / "pretrain" / "_COMPLETE.json").unlink()  # as if the job had died before the stage was marked done
+    # as if the job had died before the stage was marked done: its start record, no marker
+    (workdir / "pretrain" / "_COMPLETE.json").rename(workdir / "pretrain" / "_STARTED.json")
     damaged = next((ckpts / "step_00000004").glob("*zero_pp_rank_1_*optim_states.pt"))
     flip_one_byte(damaged)
     second = torchrun()

@@ -124,8 +124,9 @@ def test_rerun_with_marker_skips(finished: dict, capsys) -> None:
 
 def test_interrupted_run_resumes_from_task_completions(finished: dict, capsys) -> None:
     prep = finished["prep"]
-    # what a run killed during the last sub-stage leaves: no marker, task 1 neither completed nor written
-    (prep / "_COMPLETE.json").unlink()
+    # what a run killed during the last sub-stage leaves: its start record and no marker, task 1 neither
+    # completed nor written
+    (prep / "_COMPLETE.json").rename(prep / "_STARTED.json")
     last = sorted((prep / "logs").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
     assert last.name == "minhash_filter"
     (last / "completions" / "00001").unlink()

@@ -223,10 +223,16 @@ def break_manifest(workdir: Path) -> None:
     (workdir / "shards" / first).unlink()
 
 
-def break_checkpoint(workdir: Path) -> None:
+def break_checkpoint(config: Path, workdir: Path) -> None:
+    """An interrupted run (its start record says so) whose `latest` names a checkpoint that is not there."""
+    from pipeline.core.identity import compute
+
+    ident = compute(load_config(config), "pretrain")
+    (workdir / "pretrain").mkdir(parents=True)
+    (workdir / "pretrain" / "_STARTED.json").write_text(json.dumps({"hash": ident.hash, "resume": ident.resume}))
     ckpt = workdir / "pretrain" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    (ckpt / "latest").write_text("step_00000004")  # names a checkpoint that is not there
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("step_00000004")
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -245,7 +251,7 @@ def test_every_error_class_is_one_line_and_exit_2(trained: Path, tmp_path: Path,
     if case == "shard":
         break_manifest(workdir)
     elif case == "checkpoint":
-        break_checkpoint(workdir)
+        break_checkpoint(config, workdir)
     elif case == "upstream":
         (workdir / "shards" / "manifest.json").unlink()
     assert main(["pretrain", str(config)]) == 2

@@ -95,8 +95,8 @@ def test_tokenizer_and_shard_commands(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["shard", str(cfg)]) == 0
     assert "complete, skipped" in capsys.readouterr().out
 
-    # Interrupted while task 1 ran: its files are gone, no stage marker. The rerun redoes task 1 alone.
-    (tmp_path / "shard" / "_COMPLETE.json").unlink()
+    # Interrupted while task 1 ran: its files are gone, a start record and no marker. The rerun redoes task 1.
+    (tmp_path / "shard" / "_COMPLETE.json").rename(tmp_path / "shard" / "_STARTED.json")
     (tmp_path / "shard" / "logs" / "docs" / "completions" / "00001").unlink()
     (out / "_parts" / "docs-00001.json").unlink()
     for path in out.glob("*/docs-00001-*.arrow"):

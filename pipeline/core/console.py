@@ -1,77 +1,79 @@
-"""datatrove's console output, kept in a log file; the terminal gets only the lines that say where a stage is.
+"""datatrove's console output of the tasks run in this process, kept in a log file; the terminal gets only the
+lines that say where a stage is.
 
-datatrove's tasks log to stderr (loguru): a stats table per task, and the
-traceback of a failed task. All of it goes to `<logging dir>/console.log`; the
-terminal still sees our own `[stage]` lines, progress bars and warnings. While
-the block runs, file descriptor 2 and `sys.stderr` both point into a pipe that
-a thread sorts, so worker processes are covered too.
+datatrove's tasks log to `sys.stderr` (loguru): a stats table per task, and the
+traceback of a failed task. While the block runs, `sys.stderr` is a stream that
+writes everything to `<logging dir>/console.log` and passes on to the terminal
+only our own `[stage]` lines, progress bars and warnings. Worker processes
+(`prep.workers > 1`) write to the terminal as they always did: they never see
+this stream.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 import re
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 # Lines the terminal keeps: ours ("[prep] ..."), progress bars, and warnings or errors worth a look.
-_KEEP = re.compile(r"^\[|%\||\| WARNING ")
+_KEEP = re.compile(r"^\[|%\||\| (WARNING|ERROR|CRITICAL) ")
+
+
+class SortingStream(io.TextIOBase):
+    """Everything to `log`; the lines `_KEEP` matches to `terminal` too."""
+
+    def __init__(self, log: TextIO | None, terminal: TextIO) -> None:
+        self.log, self.terminal = log, terminal
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        if self.log is not None:
+            try:
+                self.log.write(text)
+            except OSError:  # a full disk: keep the terminal going, the stage reports the error
+                self.log = None
+        self.pending += text
+        *lines, self.pending = re.split(r"(?<=[\n\r])", self.pending)
+        kept = "".join(line for line in lines if _KEEP.search(line))
+        if kept:
+            self.terminal.write(kept)
+            self.terminal.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.flush()
+
+    def close_log(self) -> None:
+        if self.pending and _KEEP.search(self.pending):
+            self.terminal.write(self.pending + "\n")
+        self.pending = ""
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.close()
+            self.log = None
 
 
 @contextlib.contextmanager
 def console_to(log: Path) -> Iterator[None]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    saved_fd = os.dup(2)
-    saved_stream = sys.stderr
-    terminal = os.fdopen(os.dup(saved_fd), "w", buffering=1, errors="replace")
-
-    # Writing back to sys.__stderr__ would go into the pipe again: the terminal is a copy of the old fd 2.
-    shown = terminal if saved_stream is sys.__stderr__ else saved_stream
-
-    def sort() -> None:
-        try:
-            out = open(log, "ab")  # noqa: SIM115 - closed below, or dropped when the disk is full
-        except OSError:
-            out = None
-        with open(read_fd, "rb", buffering=0) as pipe:
-            pending = b""
-            while chunk := pipe.read(65536):  # always drained, or the writers would block
-                if out is not None:
-                    try:
-                        out.write(chunk)
-                    except OSError:  # a full disk: keep the terminal going, the stage reports the error
-                        out = None
-                pending += chunk
-                *lines, pending = re.split(rb"(?<=[\n\r])", pending)
-                kept = [raw.decode("utf-8", "replace") for raw in lines]
-                kept = [text for text in kept if _KEEP.search(text)]
-                if kept:
-                    shown.write("".join(kept))
-                    shown.flush()
-        if out is not None:
-            with contextlib.suppress(OSError):
-                out.close()
-
-    worker = threading.Thread(target=sort, name="console-sorter", daemon=True)
-    worker.start()
-    sys.stderr.flush()
-    os.dup2(write_fd, 2)
-    sys.stderr = os.fdopen(os.dup(write_fd), "w", buffering=1, errors="replace")
-    os.close(write_fd)
+    terminal = sys.stderr
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handle: TextIO | None = open(log, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+    except OSError:
+        handle = None
+    stream = SortingStream(handle, terminal)
+    sys.stderr = stream  # type: ignore[assignment]
     try:
         yield
     finally:
-        sys.stderr.flush()
-        sys.stderr.close()
-        sys.stderr = saved_stream
-        os.dup2(saved_fd, 2)  # the last writer of the pipe closes: the sorter sees its end
-        os.close(saved_fd)
-        worker.join(timeout=10)
-        terminal.close()
+        sys.stderr = terminal
+        stream.close_log()
         _loguru_to_stderr()
 
 

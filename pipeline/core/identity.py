@@ -26,7 +26,9 @@ from pipeline.core.stages import STAGES
 from pipeline.core.workdir import workdir_of
 
 HASH_LIMIT = 256 * 2**20  # inputs up to this size are content-hashed (about 0.5 s per 256 MB)
+HASH_BUDGET = 2 * 2**30  # bytes content-hashed per fingerprint at most: a huge corpus goes by size and mtime
 _HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, so one process hashes a file once
+_IDENTITIES: dict[tuple[str, str], Identity] = {}  # (config, stage) -> identity, within one outermost compute()
 
 
 @dataclass
@@ -56,6 +58,7 @@ def fingerprint_files(paths: list[str], previous: dict[str, Any] | None = None) 
     """{path: {size, mtime_ns, sha256}} for each file; `previous` lends hashes of files whose size and mtime held."""
     previous = previous or {}
     out: dict[str, Any] = {}
+    budget = HASH_BUDGET
     for name in paths:
         if ":" in name and not Path(name).exists():  # builtin:python-docs: the Python that builds it decides
             out[name] = {"builtin": f"python {sys.version_info[0]}.{sys.version_info[1]}"}
@@ -65,10 +68,11 @@ def fingerprint_files(paths: list[str], previous: dict[str, Any] | None = None) 
         old = previous.get(name) or {}
         if old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns and old.get("sha256"):
             entry["sha256"] = old["sha256"]
-        elif stat.st_size <= HASH_LIMIT:
+        elif stat.st_size <= min(HASH_LIMIT, budget):
             key = (name, stat.st_size, stat.st_mtime_ns)
             if key not in _HASHED:
                 _HASHED[key] = file_sha256(Path(name))
+                budget -= stat.st_size
             entry["sha256"] = _HASHED[key]
         out[name] = entry
     return out
@@ -93,8 +97,33 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     return cfg.section_dump(*stage.sections)
 
 
+def forget() -> None:
+    """Markers changed: identities computed so far in this process may be stale."""
+    _IDENTITIES.clear()
+
+
+_depth = [0]  # calls of compute() in progress: the outermost starts with an empty memo
+
+
 def compute(cfg: Config, name: str) -> Identity:
-    """The identity of stage `name` for this config, as of now."""
+    """The identity of stage `name` for this config, as of now.
+
+    A stage's identity reads its upstream stages' identities, and theirs, so one call computes each stage once
+    (memo) instead of once per path through the graph; every outermost call starts afresh.
+    """
+    if _depth[0] == 0:
+        _IDENTITIES.clear()
+    key = (json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str), name)
+    _depth[0] += 1
+    try:
+        if key not in _IDENTITIES:
+            _IDENTITIES[key] = _compute(cfg, name)
+        return _IDENTITIES[key]
+    finally:
+        _depth[0] -= 1
+
+
+def _compute(cfg: Config, name: str) -> Identity:
     stage = STAGES[name]
     marker = read_marker(cfg, name) or read_json(workdir_of(cfg).started(name)) or {}
     config_hash = hashlib.sha256(json.dumps(stage_config(cfg, name), sort_keys=True).encode()).hexdigest()[:16]

@@ -87,6 +87,7 @@ def print_summary(name: str, summary: dict[str, Any], seconds: float) -> None:
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
+    identity.forget()  # a marker or a start record changes what the identities read
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=2, default=str))
@@ -111,9 +112,10 @@ def prepare(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool)
     if previous is not None and previous.get("hash") != ident.hash:
         why = identity.explain(previous, ident, spec.sections)
         print(f"[{spec.name}] {'continuing' if resumed else 'running again'}: {why}", flush=True)
-    if not resumed and (previous is not None or force):
+    if not resumed:  # also when the markers were deleted by hand: nothing of an earlier run may survive
         clean_outputs(cfg, spec)
     paths.marker(spec.name).unlink(missing_ok=True)
+    identity.forget()
     _write_json(paths.started(spec.name), {"stage": spec.name, "hash": ident.hash, "resume": ident.resume,
                                             "parts": ident.parts, "at": time.time()})
     return resumed
@@ -150,6 +152,7 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
     """Run one stage unless its marker says it is done with today's config, inputs and upstream outputs."""
     spec = STAGES[name]
     dist = DistEnv.from_config(cfg)
+    identity.forget()  # inputs may have changed since an earlier command in this process
     ident = identity.compute(cfg, name)
     marker = identity.read_marker(cfg, name)
     if not force and marker is not None and marker.get("hash") == ident.hash:
@@ -161,7 +164,8 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
         raise ScratchgptError(f"--force with {dist.world_size} processes: other ranks could read what rank 0 "
                               f"removes; run `scratchgpt {name} CONFIG --force` once on one process or delete "
                               f"{Path(cfg.workdir) / name}, then launch")
-    check_writable(workdir_of(cfg).stage(name), name)
+    if dist.is_main:  # the other ranks would race rank 0's clean-up of the same folder
+        check_writable(workdir_of(cfg).stage(name), name)
     _current.append(name)
     try:
         lock = workdir_lock(workdir_of(cfg).lock, name) if dist.is_main else contextlib.nullcontext()
@@ -195,6 +199,9 @@ def check_upstream(cfg: Config, spec: StageSpec) -> None:
         if spec.name == "finetune" and cfg.finetune.init_from:
             continue  # it starts from the folder named there, not from this workdir's pretraining
         marker = identity.read_marker(cfg, up)
+        if marker is None and workdir_of(cfg).started(up).is_file():
+            raise UpstreamNotComplete(f"the {up} stage has not finished (it was interrupted, or is running now)",
+                                      hint=f"run `scratchgpt {up} CONFIG` first (it resumes), or `scratchgpt run`")
         if marker is not None and marker.get("hash") != identity.compute(cfg, up).hash:
             why = identity.explain(marker, identity.compute(cfg, up), STAGES[up].sections)
             raise UpstreamNotComplete(f"the {up} stage is out of date ({why})",
@@ -275,16 +282,32 @@ def error_line(label: str, exc: BaseException) -> str:
     return f"{line}\n  hint: {hint}" if hint else line
 
 
+def _out_of_space(exc: BaseException) -> OSError | None:
+    """The ENOSPC or EDQUOT (quota) error behind `exc`, also when a library wrapped it (torch.save, DeepSpeed)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return OSError(errno.ENOSPC, "no space left on device")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _disk_full(exc: OSError, folder: Path | None) -> DiskFullError:
     where = exc.filename or (f"a file under {folder}" if folder else "a file under the workdir")
     return DiskFullError(f"disk full: cannot write {where} ({exc.strerror or 'no space left on device'})")
 
 
 def _error_log(cfg: Config | None, label: str) -> Path | None:
+    """<workdir>/<stage>/error.log (rank 0), error.rank<N>.log for the other ranks: each keeps its own cause."""
     if cfg is None:
         return None
-    stage = label.split("/")[0]
-    return Path(cfg.workdir) / (stage if stage in STAGES else "") / "error.log"
+    stage = label.split(" ")[0].split("/")[0]
+    rank = DistEnv.from_environ().rank if not _is_main_process() else 0
+    name = "error.log" if rank == 0 else f"error.rank{rank}.log"
+    return Path(cfg.workdir) / (stage if stage in STAGES else "") / name
 
 
 def guard(label: str, fn: Callable[[], int | None], cfg_of: Callable[[], Config | None] = lambda: None) -> int:
@@ -300,9 +323,10 @@ def guard(label: str, fn: Callable[[], int | None], cfg_of: Callable[[], Config 
         raise
     except BaseException as exc:  # noqa: BLE001 - this is the one place that decides
         where = _current[-1] if _current else label
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        full = _out_of_space(exc)
+        if full is not None:
             cfg = cfg_of()
-            exc = _disk_full(exc, Path(cfg.workdir) / where.split("/")[0] if cfg is not None else None)
+            exc = _disk_full(full, Path(cfg.workdir) / where.split("/")[0] if cfg is not None else None)
         if isinstance(exc, ScratchgptError):
             if not is_main:
                 # Usually every rank meets the same error: rank 0 prints it and exits, and the launcher (torchrun,
