@@ -77,6 +77,10 @@ def workdir_lock(path: Path, stage: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise WorkdirLocked(f"the filesystem of {path.parent} does not support file locks (flock: "
+                                f"{exc.strerror}); put the workdir on one that does (a Lustre mount needs the "
+                                "`flock` option)", hint="") from None
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         holder = read_holder(path)
