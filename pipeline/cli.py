@@ -55,7 +55,25 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return guard(args.command, lambda: args.func(args), lambda: getattr(args, "cfg", None))
+    try:
+        code = guard(args.command, lambda: args.func(args), lambda: getattr(args, "cfg", None))
+    except SystemExit as exc:  # a stage stopped by a signal exits 0 from inside: leave together below, then exit
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        leave_process_group(code)
+        raise
+    leave_process_group(code)
+    return code
+
+
+def leave_process_group(code: int) -> None:
+    """Under torchrun, ranks that finished well leave together: one that exits while another still holds the gloo
+    context aborts ("terminate called without an active exception") and the launch fails."""
+    dist = sys.modules.get("torch.distributed")
+    if code != 0 or dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
