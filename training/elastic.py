@@ -31,6 +31,7 @@ from typing import Any
 from training.checkpoint import CheckpointError, safe_load
 from training.config import TrainConfig
 from training.engine import EngineError
+from training.launch import pid_alive
 
 UNIVERSAL = "universal"  # folder inside a checkpoint's tag folder
 DONE = "scratchgpt_universal.json"  # written last inside the conversion, before the rename
@@ -163,18 +164,8 @@ def _remove_dead_attempts(tag_dir: Path) -> None:
     host = socket.gethostname()
     for tmp in tag_dir.glob(f".{UNIVERSAL}.tmp.*"):
         owner, _, pid = tmp.name.removeprefix(f".{UNIVERSAL}.tmp.").rpartition(".")
-        if owner == host and pid.isdigit() and not _alive(int(pid)):
+        if owner == host and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prepare(tag_dir: Path, is_main: bool) -> bool:

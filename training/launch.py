@@ -43,6 +43,17 @@ PORT_SPAN = 10000
 DEFAULT_PORT = 29500  # torchrun's default, for a single process
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a process we may not signal still runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LaunchError(ScratchgptError, RuntimeError):
     """The environment does not describe a usable distributed run; the message names the variables."""
 

@@ -97,11 +97,6 @@ def stage_config(cfg: Config, name: str) -> dict[str, Any]:
     return cfg.section_dump(*stage.sections)
 
 
-def forget() -> None:
-    """Markers changed: identities computed so far in this process may be stale."""
-    _IDENTITIES.clear()
-
-
 _depth = [0]  # calls of compute() in progress: the outermost starts with an empty memo
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.errors import ScratchgptError
+from training.launch import pid_alive
 
 
 class WorkdirLocked(ScratchgptError):
@@ -32,16 +33,6 @@ class WorkdirLocked(ScratchgptError):
 
 
 _held: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth) held by this process
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -89,7 +80,7 @@ def workdir_lock(path: Path, stage: str) -> Iterator[None]:
     previous = read_holder(path)
     if previous and previous.get("pid") != os.getpid():
         # We got the flock, so the process that wrote this is gone (or on another host and finished).
-        gone = previous.get("host") != socket.gethostname() or not _alive(int(previous.get("pid", 0)))
+        gone = previous.get("host") != socket.gethostname() or not pid_alive(int(previous.get("pid", 0)))
         if gone:
             print(f"[{stage}] warning: took over a stale workdir lock left by {describe(previous)}",
                   file=sys.stderr, flush=True)

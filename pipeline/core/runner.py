@@ -87,7 +87,6 @@ def print_summary(name: str, summary: dict[str, Any], seconds: float) -> None:
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
-    identity.forget()  # a marker or a start record changes what the identities read
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=2, default=str))
@@ -115,7 +114,6 @@ def prepare(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool)
     if not resumed:  # also when the markers were deleted by hand: nothing of an earlier run may survive
         clean_outputs(cfg, spec)
     paths.marker(spec.name).unlink(missing_ok=True)
-    identity.forget()
     _write_json(paths.started(spec.name), {"stage": spec.name, "hash": ident.hash, "resume": ident.resume,
                                             "parts": ident.parts, "at": time.time()})
     return resumed
@@ -152,7 +150,6 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
     """Run one stage unless its marker says it is done with today's config, inputs and upstream outputs."""
     spec = STAGES[name]
     dist = DistEnv.from_config(cfg)
-    identity.forget()  # inputs may have changed since an earlier command in this process
     ident = identity.compute(cfg, name)
     marker = identity.read_marker(cfg, name)
     if not force and marker is not None and marker.get("hash") == ident.hash:

@@ -75,15 +75,6 @@ def ancestry(name: str) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in found)
 
 
-def downstream(name: str) -> list[str]:
-    """Stages that read `name`'s outputs, directly or through others, in chain order."""
-    found: list[str] = []
-    for stage in STAGES.values():
-        if name in stage.upstream or any(up in found for up in stage.upstream):
-            found.append(stage.name)
-    return found
-
-
 # The chain, in order.
 register(StageSpec(
     "prep", ("data", "prep"), (), "pipeline.stages.prep:run",

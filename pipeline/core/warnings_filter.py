@@ -27,8 +27,3 @@ def quiet_library_warnings() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=pattern, category=category)
         yield
 
-
-def install() -> None:
-    """For the whole process (worker processes that never enter a stage's block)."""
-    for category, pattern in NOISE:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
