@@ -17,7 +17,10 @@ def _dest(flag: str) -> str:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    switched = [override for flag, override, _ in STAGES[args.command].flags if getattr(args, _dest(flag))]
+    spec = STAGES[args.command]
+    switched = [override for flag, override, _ in spec.flags if getattr(args, _dest(flag))]
+    switched += [f"{key}={getattr(args, _dest(flag))}" for flag, key, _ in spec.options
+                 if getattr(args, _dest(flag)) is not None]
     args.cfg = load_config(args.config, [*args.overrides, *switched])
     run_stage(args.cfg, args.command, force=args.force)
     return 0
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
         for flag, override, text in stage.flags:
             p.add_argument(flag, action="store_true", help=f"{text} (same as {override})")
+        for flag, key, text in stage.options:
+            p.add_argument(flag, metavar="N", help=f"{text} (same as {key}=N)")
         p.set_defaults(func=cmd_stage)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)

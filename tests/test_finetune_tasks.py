@@ -138,7 +138,8 @@ def test_task_engine_settings_take_the_task_precision_else_pretraining_s() -> No
 
     base = TrainConfig(precision="bf16", max_minutes=5)
     task = TaskConfig(name="t", train="a.tsv", eval="b.tsv", lr=1e-3, max_steps=40)
-    inherited = task_train_config(base, task)
-    assert inherited.precision == "bf16" and inherited.lr == 1e-3 and inherited.max_steps == 40
-    assert inherited.max_minutes is None  # a task is bounded by its steps, not pretraining's budget
-    assert task_train_config(base, task.model_copy(update={"precision": "fp32"})).precision == "fp32"
+    default = task_train_config(base, task)
+    assert default.precision == "fp32" and default.lr == 1e-3 and default.max_steps == 40  # fp32 unless asked
+    assert default.max_minutes is None  # a task is bounded by its steps, not pretraining's budget
+    assert task_train_config(base, task.model_copy(update={"precision": None})).precision == "bf16"
+    assert task_train_config(base, task.model_copy(update={"precision": "fp16"})).precision == "fp16"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,14 +195,20 @@ def _check_batch_keys(cfg: dict[str, Any], world_size: int) -> None:
         )
 
 
-def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (GPT-2/nanoGPT practice): biases, norms and 1-D tensors are not decayed."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+def param_groups(model: Any, weight_decay: float, lr_ratio: Callable[[str], float] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (GPT-2/nanoGPT practice): biases, norms and 1-D tensors are not decayed.
+
+    `lr_ratio(name)` gives a parameter's rate as a multiple of the schedule's (a fine-tuning head, layer-wise
+    decay); parameters are grouped by (decay, ratio), and Engine.set_lr keeps each group's ratio."""
+    groups: dict[tuple[bool, float], list[Any]] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        key = (param.dim() >= 2, 1.0 if lr_ratio is None else lr_ratio(name))
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_ratio": ratio}
+            for (decayed, ratio), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 @dataclass
@@ -217,15 +224,17 @@ class Engine:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups keep their ratio to AdamW's rate
 
 
-def build_engine(model: Any, train: TrainConfig, dist: Dist) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with `train.optimizer` (no compiled ops needed, CPU or GPU)."""
+def build_engine(model: Any, train: TrainConfig, dist: Dist, lr_ratio: Callable[[str], float] | None = None
+                 ) -> Engine:
+    """Wrap `model` in a DeepSpeed engine with `train.optimizer` (no compiled ops needed, CPU or GPU).
+    `lr_ratio`: per-parameter multiples of the rate (AdamW only), as param_groups takes it."""
     import deepspeed
 
     from training.optim import build_optimizer
 
     precision = resolve_precision(train.precision, dist.device)
     ds_config = deepspeed_config(train, precision, dist.world_size)
-    optimizer = build_optimizer(model, train, cuda=dist.device.startswith("cuda"))
+    optimizer = build_optimizer(model, train, cuda=dist.device.startswith("cuda"), lr_ratio=lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if train.compile:
         engine.compile()  # torch.compile of the module inside the engine; ZeRO-3's hooks stay outside the graph

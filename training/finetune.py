@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,29 @@ def batch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def task_schedule(task: TaskConfig) -> dict[str, Any]:
-    """The task's learning-rate schedule, as training.schedule.lr_at takes it: 5% warm-up, decay to lr/10."""
-    return {"lr": task.lr, "min_lr": task.lr / 10, "warmup_steps": max(1, task.max_steps // 20),
-            "max_steps": task.max_steps}
+    """The task's learning-rate schedule, as training.schedule.lr_at takes it: warm-up, cosine decay to lr/10."""
+    return {"lr": task.lr, "min_lr": task.lr / 10,
+            "warmup_steps": max(1, round(task.max_steps * task.warmup_fraction)), "max_steps": task.max_steps}
+
+
+def task_lr_ratio(task: TaskConfig, n_layer: int) -> Callable[[str], float]:
+    """Each parameter's rate as a multiple of the body's `lr`: the new head at head_lr, block i at
+    layer_lr_decay^(n_layer-1-i), the embeddings one step below the first block (ULMFiT-style discriminative
+    rates: the lower a layer, the more general its features, the less it should move)."""
+    head = (task.head_lr or task.lr) / task.lr
+    decay = task.layer_lr_decay
+
+    def ratio(name: str) -> float:
+        parts = name.removeprefix("gpt.").split(".")  # a classifier holds the GPT as .gpt; SFT trains it bare
+        if parts[0] == "h":
+            return decay ** (n_layer - 1 - int(parts[1]))
+        if parts[0] in ("wte", "wpe"):
+            return decay ** n_layer
+        if parts[0] in ("ln_f", "lm_head"):
+            return 1.0  # the final norm (and an untied output layer) sit with the top block
+        return head  # the task's own head (score.*)
+
+    return ratio
 
 
 def task_train_config(base: TrainConfig, task: TaskConfig) -> TrainConfig:

@@ -63,6 +63,7 @@ class Prepared:
     train: Any  # training.finetune.Encoded
     evaluation: Any
     labels: list[str] = field(default_factory=list)
+    pooling: str = "last"  # classification: which hidden states the head reads
 
 
 @dataclass
@@ -143,12 +144,12 @@ class ClassificationObjective(Objective):
             train=encode_classification(tokenizer, train, labels.ids(train, task.train), block_size, task.truncate),
             evaluation=encode_classification(tokenizer, evaluation, labels.ids(evaluation, task.eval), block_size,
                                              task.truncate),
-            labels=labels.labels)
+            labels=labels.labels, pooling=task.pooling)
 
     def model(self, gpt: torch.nn.Module, config: Any, prepared: Prepared) -> torch.nn.Module:
         from training.classifier import GPTClassifier
 
-        model = GPTClassifier(config, len(prepared.labels))
+        model = GPTClassifier(config, len(prepared.labels), pooling=prepared.pooling)
         model.gpt = gpt
         return model
 
@@ -187,7 +188,8 @@ class ClassificationObjective(Objective):
                out: Path, task: Any, eot: int) -> None:
         from training.classifier import export_classifier
 
-        export_classifier(state, config, prepared.labels, eot, tokenizer_dir, out, truncate=task.truncate)
+        export_classifier(state, config, prepared.labels, eot, tokenizer_dir, out, truncate=task.truncate,
+                          pooling=prepared.pooling)
 
 
 @register_objective("sft")

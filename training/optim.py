@@ -22,6 +22,7 @@ tests/test_optim.py checks the shapes that reach the update.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from training.config import TrainConfig
@@ -46,7 +47,8 @@ def muon_momentum_at(step: int, train: TrainConfig) -> float:
     return train.muon_momentum_start + share * (train.muon_momentum - train.muon_momentum_start)
 
 
-def build_optimizer(model: Any, train: TrainConfig, cuda: bool) -> Any:
+def build_optimizer(model: Any, train: TrainConfig, cuda: bool, lr_ratio: Callable[[str], float] | None = None
+                    ) -> Any:
     """The optimizer `train.optimizer` names, over `model`'s parameters (torch's fused AdamW kernels on GPU)."""
     import torch
 
@@ -54,7 +56,12 @@ def build_optimizer(model: Any, train: TrainConfig, cuda: bool) -> Any:
 
     adam_args = {"betas": tuple(train.betas), "eps": 1e-8}
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, fused=cuda, **adam_args)
+        groups = param_groups(model, train.weight_decay, lr_ratio)
+        for group in groups:
+            group["lr"] = train.lr * group["lr_ratio"]
+        return torch.optim.AdamW(groups, lr=train.lr, fused=cuda, **adam_args)
+    if lr_ratio is not None:
+        raise ValueError("per-parameter learning rates are built for adamw only")
 
     install_muon_update(train.muon_ns_steps, cuda)
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam

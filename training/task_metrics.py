@@ -27,3 +27,31 @@ def macro_f1(gold: list[int], pred: list[int], n_classes: int) -> float:
             continue
         scores.append(2 * tp / (gold_c + pred_c))
     return sum(scores) / max(len(scores), 1)
+
+
+def arm_comparison(pretrained: dict[int, float], scratch: dict[int, float]) -> dict[str, float]:
+    """Pretrained vs from-scratch scores, paired by seed: means, the gain in points and its spread over seeds."""
+    import statistics
+
+    seeds = sorted(pretrained.keys() & scratch.keys())
+    if not seeds:
+        raise ValueError("no seed was run in both arms")
+    gains = [100 * (pretrained[s] - scratch[s]) for s in seeds]
+    return {
+        "seeds": float(len(seeds)),
+        "pretrained_mean": statistics.fmean(pretrained[s] for s in seeds),
+        "scratch_mean": statistics.fmean(scratch[s] for s in seeds),
+        "gain_points": statistics.fmean(gains),
+        "gain_min_points": min(gains),
+        "gain_max_points": max(gains),
+        "gain_stdev_points": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+    }
+
+
+def comparison_line(task: str, metric: str, result: dict[str, float]) -> str:
+    """One line a user reads to judge the pretrained model."""
+    n = int(result["seeds"])
+    spread = f", {result['gain_min_points']:+.1f} to {result['gain_max_points']:+.1f} over {n} seeds" if n > 1 else ""
+    return (f"{task}: pretrained {100 * result['pretrained_mean']:.2f}%, from scratch "
+            f"{100 * result['scratch_mean']:.2f}% ({metric}, mean of {n} seed{'s' if n > 1 else ''}): "
+            f"pretraining gains {result['gain_points']:+.1f} points{spread}")

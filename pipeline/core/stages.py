@@ -37,7 +37,8 @@ class StageSpec:
     # than removed when the identity changed (a WSD run given more steps extends its checkpoints).
     resume_config: str | None = None
     # Extra command-line switches: (flag, the override it stands for, help).
-    flags: tuple[tuple[str, str, str], ...] = ()
+    flags: tuple[tuple[str, str, str], ...] = ()  # (--flag, the override it stands for, help)
+    options: tuple[tuple[str, str, str], ...] = ()  # (--option N, the key it sets to N, help)
     # As a Slurm job: its batch template (slurm/templates/<name>.sbatch), whether its work is datatrove steps
     # (which slurm.data_arrays may run as job arrays), and whether it runs as srun ranks on slurm.nodes.
     template: str = "data"
@@ -100,4 +101,7 @@ register(StageSpec(
     "fine-tune the pretrained model on each task in finetune.tasks",
     inputs="pipeline.stages.finetune:input_files", template="finetune",
     flags=(("--from-scratch", "finetune.from_scratch=true",
-            "train the same architecture from random weights (the no-pretraining baseline)"),)))
+            "train the same architecture from random weights (the no-pretraining baseline)"),
+           ("--vs-scratch", "finetune.vs_scratch=true",
+            "fine-tune from the pretrained model and from random weights alike, and print the gain")),
+    options=(("--seeds", "finetune.seeds", "fine-tune each arm with N seeds; the gain is given with its spread"),)))

@@ -30,6 +30,7 @@ TOKENIZER_TAG = "tokenizer_sha256"
 TASK_TAG = "task"
 KIND_TAG = "kind"
 ARM_TAG = "arm"  # fine-tuning: "pretrained" or "scratch"
+SEED_TAG = "seed"  # fine-tuning: the seed of the head and the batch order
 STOPPED_TAG = "stopped_by"
 
 # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are

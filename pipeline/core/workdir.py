@@ -86,8 +86,9 @@ class Workdir:
     def finetune(self) -> Path:
         return self.root / "finetune"
 
-    def task(self, name: str, scratch: bool = False) -> Path:
-        return self.finetune / (f"{name}-scratch" if scratch else name)
+    def task(self, name: str, scratch: bool = False, seed: int | None = None) -> Path:
+        """A task's results; `seed` names the runs of finetune.seeds after the first."""
+        return self.finetune / (name + ("-scratch" if scratch else "") + ("" if seed is None else f"-seed{seed}"))
 
     @property
     def builtin_tasks(self) -> Path:

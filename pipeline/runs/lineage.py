@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.stages import STAGES, ancestry
-from pipeline.core.tracking import ARM_TAG, TASK_TAG
+from pipeline.core.tracking import ARM_TAG, SEED_TAG, TASK_TAG
 from pipeline.core.workdir import Workdir
 from pipeline.runs.store import (
     PARENT_TAG,
@@ -115,18 +115,23 @@ def _lineage_of_run(run: Any, store: Store) -> Lineage:
     if stage.startswith("finetune"):
         parent = _run_by_id(store, run.data.tags.get(PARENT_TAG, "")) if "/" in stage else run
         init_from = (parent or run).data.params.get("finetune.init_from", "None")
-        if init_from not in ("None", ""):
+        scratch = run.data.tags.get(ARM_TAG) == "scratch" or run.data.params.get("task.from_scratch") == "True"
+        if init_from not in ("None", "") and not scratch:
             # The model came from another export folder: its lineage is that folder's.
             upstream = _lineage_of_path(Path(init_from), store)
             upstream.origin = lin.origin
             upstream.model["finetuned_from"] = init_from
             return upstream
-        scratch = run.data.tags.get(ARM_TAG) == "scratch" or run.data.params.get("task.from_scratch") == "True"
         pretrain = None if scratch else _pretrain_run_of(workdir, store)
         task_name = run.data.tags.get(TASK_TAG, "")
         paths = Workdir(workdir) if workdir else None
+        folder = paths.task(task_name, scratch) if paths else None
+        seeded = paths.task(task_name, scratch, int(run.data.tags[SEED_TAG])) if paths and SEED_TAG in run.data.tags \
+            else None
+        if seeded is not None and seeded.is_dir():
+            folder = seeded  # a later seed of finetune.seeds
         lin.model = {"kind": "finetune", "task": task_name, "arm": "scratch" if scratch else "pretrained",
-                     "path": str(paths.task(task_name, scratch)) if paths else None,
+                     "path": str(folder) if folder else None,
                      "finetuned_from": "random weights" if scratch else (str(paths.export) if paths else None),
                      "pretrain_run": _run_summary(pretrain) if pretrain else None}
         if scratch:  # no pretrained model: only the tokenizer (and what it was trained on) came before it

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError
 from pipeline.core.runner import StageContext
-from pipeline.core.tracking import ARM_TAG, KIND_TAG, TASK_TAG, stage_run
+from pipeline.core.tracking import ARM_TAG, KIND_TAG, SEED_TAG, TASK_TAG, stage_run
 from pipeline.core.workdir import workdir_of
 
 
@@ -78,17 +78,34 @@ def input_files(cfg: Config) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any) -> dict[str, Any]:
+def arms(cfg: Config, task: Any) -> list[bool]:
+    """The arms this run fine-tunes `task` in, as from_scratch flags: both with finetune.vs_scratch."""
+    if cfg.finetune.vs_scratch:
+        return [False, True]
+    return [cfg.finetune.from_scratch or task.from_scratch]
+
+
+def seeds(cfg: Config, task: Any) -> list[int]:
+    first = cfg.train.seed if task.seed is None else task.seed
+    return [first + k for k in range(cfg.finetune.seeds)]
+
+
+def result_dir(cfg: Config, task: Any, scratch: bool, seed: int) -> Path:
+    """The first seed's results sit in finetune/<task>[-scratch]; the others beside them, named by seed."""
+    first = seeds(cfg, task)[0]
+    return workdir_of(cfg).task(task.name, scratch, None if seed == first else seed)
+
+
+def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bool, seed: int) -> dict[str, Any]:
     import torch
 
     from training.engine import build_engine
-    from training.finetune import Finetuner, task_train_config, write_json
+    from training.finetune import Finetuner, task_lr_ratio, task_train_config, write_json
     from training.objectives import objective
     from training.progress import Progress
     from training.tasks import task_kind
 
     cfg = ctx.cfg
-    scratch = cfg.finetune.from_scratch or task.from_scratch
     init = init_folder(cfg)
     tokenizer = _tokenizer(cfg, init)
     eot = tokenizer.token_to_id(cfg.tokenizer.eot_token)
@@ -96,19 +113,20 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any) -> dict[str
     kind = task_kind(task.kind)()
     goal = objective(kind.objective)
     train_ex, eval_ex = kind.load(task)
-    seed = cfg.train.seed if task.seed is None else task.seed
     torch.manual_seed(seed)
     gpt, gpt_config = _base_model(cfg, init, scratch, tokenizer.get_vocab_size())
     prepared = goal.prepare(tokenizer, train_ex, eval_ex, task, gpt_config.block_size, eot)
     model = goal.model(gpt, gpt_config, prepared)
-    eng = build_engine(model, task_train_config(cfg.train, task), dist)
-    label = f"finetune {task.name}{' (from scratch)' if scratch else ''}"
+    eng = build_engine(model, task_train_config(cfg.train, task), dist,
+                       lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
+    label = f"finetune {task.name}{' (from scratch)' if scratch else ''}" + (
+        f" seed {seed}" if cfg.finetune.seeds > 1 else "")
     progress = Progress(label, task.max_steps, enabled=dist.is_main)
     result = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
                        progress=progress).run()
-    out = ctx.paths.task(task.name, scratch)
+    out = result_dir(cfg, task, scratch, seed)
     summary = {**result.metrics, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-               "from_scratch": scratch}
+               "from_scratch": scratch, "seed": seed}
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
         goal.export(result.best_state, gpt_config, prepared, tok_dir, out / "export", task, eot)
@@ -116,6 +134,45 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any) -> dict[str
             write_json(out / name, body)
         write_json(out / "metrics.json", {"summary": summary, "history": result.history})
     return summary
+
+
+def headline(summary: dict[str, Any]) -> tuple[str, float] | None:
+    """The figure both arms are compared on: accuracy for classification, eval loss (negated) otherwise."""
+    if "eval_accuracy" in summary:
+        return "eval_accuracy", summary["eval_accuracy"]
+    if "eval_loss" in summary:
+        return "eval_loss", -summary["eval_loss"]
+    return None
+
+
+def compare_arms(ctx: StageContext, task: Any, runs: dict[tuple[bool, int], dict[str, Any]]) -> dict[str, Any]:
+    """The gain of pretraining on `task`, paired by seed; printed, logged on the stage's run, and written."""
+    import mlflow
+
+    from training.finetune import write_json
+    from training.task_metrics import arm_comparison, comparison_line
+
+    scored = {key: headline(s) for key, s in runs.items()}
+    metric = next(iter(scored.values()))[0] if all(scored.values()) else None
+    if metric is None:
+        return {}
+    by_arm = {scratch: {seed: value for (s, seed), (_, value) in scored.items() if s == scratch}
+              for scratch in (False, True)}
+    result = arm_comparison(by_arm[False], by_arm[True])
+    if metric == "eval_loss":  # compared as -loss: turn the means back into losses, the gain stays "better by"
+        result["pretrained_mean"], result["scratch_mean"] = -result["pretrained_mean"], -result["scratch_mean"]
+    line = comparison_line(task.name, metric, result)
+    if ctx.dist.is_main:
+        print(f"[finetune] {line}", flush=True)
+        write_json(ctx.paths.finetune / f"{task.name}-comparison.json",
+                   {"metric": metric, **result, "line": line,
+                    "runs": [{"arm": "scratch" if s else "pretrained", "seed": seed, metric: runs[(s, seed)][metric]}
+                             for (s, seed) in sorted(runs)]})
+    if ctx.run is not None:
+        mlflow.log_metrics({f"{task.name}.{k}": v for k, v in result.items()}, run_id=ctx.run.info.run_id)
+    return {"gain_points": result["gain_points"], "gain_min_points": result["gain_min_points"],
+            "gain_max_points": result["gain_max_points"], "pretrained_mean": result["pretrained_mean"],
+            "scratch_mean": result["scratch_mean"]}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -130,24 +187,54 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     parent_run = ctx.run
     for task in cfg.finetune.tasks:
-        scratch = cfg.finetune.from_scratch or task.from_scratch
-        tags = {TASK_TAG: task.name, KIND_TAG: task.kind, ARM_TAG: "scratch" if scratch else "pretrained"}
-        child = (stage_run(cfg, f"finetune/{task.name}", parent_run_id=parent_run.info.run_id, tags=tags)
-                 if parent_run is not None else contextlib.nullcontext())
-        with child as run:
-            def log(metrics: dict[str, float], step: int, _run: Any = run) -> None:
-                if _run is not None:
-                    mlflow.log_metrics(metrics, step=step, run_id=_run.info.run_id)
-
-            summary = finetune_task(ctx, task, dist, log)
-            summaries[task.name] = summary
-            if run is not None:
-                params = {**task.model_dump(), "from_scratch": scratch}  # the arm this run is, whichever key said so
-                mlflow.log_params({f"task.{k}": v for k, v in params.items()}, run_id=run.info.run_id)
-                out = ctx.paths.task(task.name, scratch)
-                for path in sorted(out.glob("*.json")):
-                    mlflow.log_artifact(str(path), run_id=run.info.run_id)
+        runs: dict[tuple[bool, int], dict[str, Any]] = {}
+        for seed in seeds(cfg, task):
+            for scratch in arms(cfg, task):
+                runs[(scratch, seed)] = _tracked_task(ctx, task, dist, scratch, seed, parent_run)
+        first = runs[(arms(cfg, task)[0], seeds(cfg, task)[0])]
+        summaries[task.name] = first if len(runs) == 1 else {
+            "runs": [runs[key] for key in sorted(runs)], **(compare_arms(ctx, task, runs) if len(arms(cfg, task)) > 1
+                                                            else {})}
     if parent_run is not None:
         mlflow.log_text(json.dumps(summaries, indent=2), "finetune_summary.json", run_id=parent_run.info.run_id)
-    return {name: {k: v for k, v in s.items() if k.startswith("eval_") or k == "steps"}
-            for name, s in summaries.items()}
+    return {name: _short(s) for name, s in summaries.items()}
+
+
+def _tracked_task(ctx: StageContext, task: Any, dist: Any, scratch: bool, seed: int, parent_run: Any
+                  ) -> dict[str, Any]:
+    """One arm and seed of a task, in its own MLflow child run tagged with both."""
+    import mlflow
+
+    cfg = ctx.cfg
+    arm = "scratch" if scratch else "pretrained"
+    tags = {TASK_TAG: task.name, KIND_TAG: task.kind, ARM_TAG: arm, SEED_TAG: str(seed)}
+    name = f"finetune/{task.name}" + ("/scratch" if scratch and cfg.finetune.vs_scratch else "") + (
+        f"/seed{seed}" if cfg.finetune.seeds > 1 else "")
+    child = (stage_run(cfg, name, parent_run_id=parent_run.info.run_id, tags=tags)
+             if parent_run is not None else contextlib.nullcontext())
+    with child as run:
+        def log(metrics: dict[str, float], step: int) -> None:
+            if run is not None:
+                mlflow.log_metrics(metrics, step=step, run_id=run.info.run_id)
+
+        summary = finetune_task(ctx, task, dist, log, scratch, seed)
+        if run is not None:
+            # The arm and seed this run is, whichever key said so.
+            params = {**task.model_dump(), "from_scratch": scratch, "seed": seed}
+            mlflow.log_params({f"task.{k}": v for k, v in params.items()}, run_id=run.info.run_id)
+            for path in sorted(result_dir(cfg, task, scratch, seed).glob("*.json")):
+                mlflow.log_artifact(str(path), run_id=run.info.run_id)
+    return summary
+
+
+def _short(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the closing summary line shows of a task: eval figures and steps, and the gain where compared."""
+    if "runs" not in summary:
+        return {k: v for k, v in summary.items() if k.startswith("eval_") or k == "steps"}
+    return {k: v for k, v in summary.items() if k != "runs"} or {
+        "runs": len(summary["runs"]), "eval_mean": _mean_eval(summary["runs"])}
+
+
+def _mean_eval(runs: list[dict[str, Any]]) -> float | None:
+    values = [headline(r)[1] for r in runs if headline(r)]
+    return sum(values) / len(values) if values else None

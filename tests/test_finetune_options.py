@@ -1,0 +1,156 @@
+"""Fine-tuning options: a separate head rate, layer-wise decay, mean pooling and its export, and --vs-scratch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from test_finetune import _config, pretrained  # noqa: F401  (the module-scoped tiny export fixture)
+from tokenizers import Tokenizer
+from train_helpers import cli_env
+
+from pipeline.core.runner import run_stage
+from training.classifier import load_classifier
+from training.config import TaskConfig
+from training.finetune import task_lr_ratio
+
+TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés", "fine"]
+
+
+def _batch(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids of TEXTS, their lengths and the attention mask, with the export's own tokenizer."""
+    _, _, pad = load_classifier(folder)
+    rows = [e.ids for e in Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(TEXTS)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return ids, lengths, mask
+
+
+def test_lr_ratio_gives_the_head_its_rate_and_decays_by_depth() -> None:
+    task = TaskConfig(name="t", train="a.tsv", eval="b.tsv", lr=1e-4, head_lr=1e-2, layer_lr_decay=0.5)
+    ratio = task_lr_ratio(task, n_layer=3)
+    assert ratio("score.weight") == pytest.approx(100)
+    assert [ratio(f"gpt.h.{i}.mlp.c_fc.weight") for i in range(3)] == [0.25, 0.5, 1.0]
+    assert ratio("gpt.wte.weight") == ratio("gpt.wpe.weight") == 0.125
+    assert ratio("gpt.ln_f.weight") == 1.0
+    assert ratio("h.2.attn.c_attn.weight") == 1.0  # SFT trains the GPT bare, without the .gpt prefix
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
+    """Same seed, same start: with a body rate too small to move anything, only head_lr moves the head."""
+    def finetuned(run: str, **extra: float) -> torch.nn.Module:
+        (tmp_path / run).mkdir()
+        cfg = _config(tmp_path / run, pretrained, steps=3)
+        cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"lr": 1e-7, "eval_every": 3, **extra})
+        run_stage(cfg, "finetune", force=True)
+        return load_classifier(tmp_path / run / "work" / "finetune" / "sst2" / "export")[0]
+
+    one_rate, head_rate = finetuned("one-rate"), finetuned("head-rate", head_lr=1e-2)
+    body_moved = max((a - b).abs().max().item() for a, b in zip(
+        one_rate.gpt.state_dict().values(), head_rate.gpt.state_dict().values(), strict=True))
+    head_moved = (one_rate.score.weight - head_rate.score.weight).abs().mean().item()
+    assert body_moved < 1e-4  # the body trained at lr in both runs
+    assert head_moved > 2e-3  # the head at 1e-2 in one: Adam moves each weight by about the rate per step
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_pooling_trains_and_exports_with_the_same_logits(tmp_path: Path, pretrained: Path, pooling: str  # noqa: F811
+                                                         ) -> None:
+    cfg = _config(tmp_path, pretrained, steps=6)
+    cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(
+        update={"pooling": pooling, "head_lr": 1e-2, "layer_lr_decay": 0.8, "eval_every": 3})
+    summary = run_stage(cfg, "finetune", force=True)
+    assert 0.0 <= summary["sst2"]["eval_accuracy"] <= 1.0
+    folder = tmp_path / "work" / "finetune" / "sst2" / "export"
+    model, _, _ = load_classifier(folder)
+    assert model.pooling == pooling
+    ids, lengths, mask = _batch(folder)
+    with torch.no_grad():
+        ours, _ = model(ids, lengths)
+    from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification
+
+    if pooling == "last":
+        hf = GPT2ForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    else:
+        # transformers has no mean-pooling GPT-2: the export carries its own head class, named in auto_map.
+        assert json.loads((folder / "config.json").read_text())["architectures"] == [
+            "GPT2MeanPoolForSequenceClassification"]
+        hf = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
+                                                                trust_remote_code=True).eval()
+        # Loaded as the last-token class, the folder says its head is missing instead of scoring wrongly.
+        _, info = GPT2ForSequenceClassification.from_pretrained(folder, local_files_only=True,
+                                                                output_loading_info=True)
+        assert "score.weight" in info["missing_keys"]
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+        unmasked = hf(input_ids=ids).logits  # the pad id tells where each text ends, as in training
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert torch.allclose(ours, unmasked, atol=1e-4)
+
+
+def test_mean_and_last_pooling_score_differently(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
+    """The option changes what the head reads (a no-op would pass the export test above)."""
+    from training.classifier import GPTClassifier, pool
+
+    hidden = torch.randn(2, 5, 4)
+    lengths = torch.tensor([5, 2])
+    assert torch.allclose(pool(hidden, lengths, "last")[1], hidden[1, 1])
+    assert torch.allclose(pool(hidden, lengths, "mean")[1], hidden[1, :2].mean(0))
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        GPTClassifier(load_classifier.__globals__["GPTConfig"](vocab_size=8, block_size=8, n_layer=1, n_head=1,
+                                                                n_embd=4), 2, pooling="max")
+
+
+def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_path: Path,
+                                                                           pretrained: Path) -> None:  # noqa: F811
+    cfg = _config(tmp_path, pretrained, steps=4)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(json.loads(cfg.model_dump_json(exclude={"source"}))))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "finetune", str(config_file), "--vs-scratch",
+                          "--seeds", "2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+                          "model.block_size=64"], capture_output=True, text=True, timeout=600, env=cli_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sst2: pretrained" in out.stdout and "pretraining gains" in out.stdout and "over 2 seeds" in out.stdout
+
+    folder = tmp_path / "work" / "finetune"
+    for name in ("sst2", "sst2-scratch", "sst2-seed1338", "sst2-scratch-seed1338"):
+        assert (folder / name / "export" / "config.json").is_file(), name
+    comparison = json.loads((folder / "sst2-comparison.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in comparison["runs"]) == [
+        ("pretrained", 1337), ("pretrained", 1338), ("scratch", 1337), ("scratch", 1338)]
+    gains = [100 * (a["eval_accuracy"] - b["eval_accuracy"])
+             for a in comparison["runs"] if a["arm"] == "pretrained"
+             for b in comparison["runs"] if b["arm"] == "scratch" and b["seed"] == a["seed"]]
+    assert comparison["gain_points"] == pytest.approx(sum(gains) / 2)
+    assert comparison["gain_min_points"] == pytest.approx(min(gains))
+
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
+    parent = next(r for r in runs if r.data.tags["stage"] == "finetune")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.data.tags["arm"], r.data.tags["seed"]) for r in children) == [
+        ("pretrained", "1337"), ("pretrained", "1338"), ("scratch", "1337"), ("scratch", "1338")]
+    for child in children:
+        assert child.data.params["task.from_scratch"] == str(child.data.tags["arm"] == "scratch")
+    assert parent.data.metrics["sst2.gain_points"] == pytest.approx(comparison["gain_points"])
+
+    # Lineage tells the arms apart.
+    scratch_run = next(r for r in children if r.data.tags["arm"] == "scratch")
+    lineage = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", str(config_file), "--lineage",
+                              scratch_run.info.run_id], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert lineage.returncode == 0, lineage.stderr
+    assert "random weights" in lineage.stdout
+
+
+def test_vs_scratch_and_from_scratch_together_is_one_clear_error(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="finetune.vs_scratch"):
+        load_config(None, [f"workdir={tmp_path}", "finetune.vs_scratch=true", "finetune.from_scratch=true"])
