@@ -32,9 +32,11 @@ KEY_PARAMS: dict[str, list[tuple[str, str]]] = {
     "pretrain": [("model.n_layer", "n_layer"), ("model.n_head", "n_head"), ("model.n_embd", "n_embd"),
                  ("model.block_size", "block"), ("train.lr", "lr"), ("train.micro_batch_size", "mbs"),
                  ("train.grad_accum", "accum"), ("world_size", "world"), ("train.max_steps", "max_steps")],
-    "finetune": [("finetune.from_scratch", "from_scratch"), ("finetune.init_from", "init_from")],
-    "finetune/": [("task.kind", "kind"), ("task.lr", "lr"), ("task.max_steps", "max_steps"),
-                  ("task.from_scratch", "from_scratch")],
+    "finetune": [("finetune.from_scratch", "from_scratch"), ("finetune.vs_scratch", "vs_scratch"),
+                 ("finetune.seeds", "seeds"), ("finetune.init_from", "init_from")],
+    "finetune/": [("task.kind", "kind"), ("task.lr", "lr"), ("task.head_lr", "head_lr"),
+                  ("task.pooling", "pooling"), ("task.max_steps", "max_steps"), ("task.from_scratch", "from_scratch"),
+                  ("task.seed", "seed")],
 }
 KEY_METRICS: dict[str, list[str]] = {
     "prep": ["docs_in", "docs_out", "bytes_out"],
