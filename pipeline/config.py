@@ -102,8 +102,9 @@ class TrackingConfig(Section):
 
 
 # Keys that do not change what a stage makes, so a change of them resumes or skips rather than redoes:
-# how hard shards are checked before training reads them.
-NOT_IDENTITY: dict[str, Any] = {"shards": {"verify"}}
+# how hard shards are checked before training reads them; the weights of data.sources (prep and shards
+# are made per source whatever the weights; pretraining's identity adds them back, pipeline.stages.pretrain).
+NOT_IDENTITY: dict[str, Any] = {"shards": {"verify"}, "data": {"sources": {"__all__": {"weight"}}}}
 
 
 class Config(Section):
@@ -309,6 +310,8 @@ def check_inputs(cfg: Config) -> None:
     """Fail early on inputs and task files that are not there."""
     where = str(cfg.source or "<defaults>")
     expand_inputs(cfg.data.inputs, "data.inputs", where)
+    for i, source in enumerate(cfg.data.sources):
+        expand_inputs(source.inputs, f"data.sources.{i}.inputs", where)
     expand_inputs(cfg.data.val_inputs, "data.val_inputs", where)
     for i, task in enumerate(cfg.finetune.tasks):
         for key in ("train", "eval"):
