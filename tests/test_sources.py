@@ -138,6 +138,21 @@ def test_resume_and_another_rank_count_keep_the_same_order(run: dict, world_afte
         other.load_state_dict(state)
 
 
+def test_a_checkpoint_restores_the_mixed_order(run: dict) -> None:
+    """Through DeepSpeed: the checkpoint at step 8 holds the mixed loader's state, and a resumed run goes on
+    with the very samples an uninterrupted one would draw next."""
+    from pipeline.stages.pretrain import build
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        trainer = build(run["cfg"]).trainer
+    assert trainer.resume() == "step_00000008"
+    assert trainer.loader.state_dict()["weights"] == [0.7, 0.3] and trainer.loader.consumed_samples == 32
+    fresh = MixedLoader(run["workdir"] / "shards", "train", WEIGHTS, 32, 4, seed=run["cfg"].train.seed)
+    _stream([fresh], 8)
+    assert _stream([trainer.loader], 3) == _stream([fresh], 3)
+
+
 def test_val_bpb_per_source_in_mlflow_and_the_summary_says_the_epochs(run: dict) -> None:
     summary = run["pretrain"]
     metrics = _metrics(run["workdir"], "pretrain")
