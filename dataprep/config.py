@@ -40,8 +40,9 @@ class SourceConfig(Section):
     language: str | None = Field(None, description="ISO 639-1/3 code of this source (null: prep.language).")
     weight: float = Field(1.0, gt=0, description="Share of the training tokens drawn from this source, relative "
                           "to the other weights (0.7 and 0.3: 70% and 30%); a small source repeats.")
-    text_key: str = Field("text", description="JSON/Parquet field that holds the document text.")
-    id_key: str = Field("id", description="Field with the document id; missing ids become file:line.")
+    text_key: str | None = Field(None, description="JSON/Parquet field that holds the document text "
+                                 "(null: data.text_key).")
+    id_key: str | None = Field(None, description="Field with the document id (null: data.id_key).")
 
     @field_validator("language")
     @classmethod

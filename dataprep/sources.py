@@ -36,9 +36,10 @@ def source_root(prep_root: Path, name: str) -> Path:
 
 
 def source_configs(data: DataConfig, prep: PrepConfig, source: SourceConfig) -> tuple[DataConfig, PrepConfig]:
-    """The data and prep settings this source is prepped with: its files and keys, its language."""
-    own_data = data.model_copy(update={"inputs": list(source.inputs), "text_key": source.text_key,
-                                       "id_key": source.id_key, "sources": []})
+    """The data and prep settings this source is prepped with: its files and keys, its language (the rest of
+    data, e.g. data.txt and data.strict, holds for every source)."""
+    own_data = data.model_copy(update={"inputs": list(source.inputs), "text_key": source.text_key or data.text_key,
+                                       "id_key": source.id_key or data.id_key, "sources": []})
     own_prep = prep.model_copy(update={"language": source.language or prep.language})
     return own_data, own_prep
 

@@ -39,7 +39,7 @@ def run_sources(ctx: StageContext) -> dict[str, Any]:
         data, prep = source_configs(cfg.data, cfg.prep, source)
         root = source_root(ctx.paths.prep, source.name)
         key = f"data.sources.{i}.inputs"
-        inputs[source.name] = resolve_inputs(cfg, root / "input", source.inputs, key, source.text_key, source.id_key)
+        inputs[source.name] = resolve_inputs(cfg, root / "input", source.inputs, key, data.text_key, data.id_key)
         try:
             plans[source.name] = build_plan(inputs[source.name], data, prep, root, ctx.paths.prep_output,
                                             output_prefix(source.name))
