@@ -209,3 +209,22 @@ def test_the_sources_config_of_the_readme_is_valid() -> None:
     start = section.index("```yaml") + len("```yaml")
     shown = yaml.safe_load(section[start:section.index("```", start)])
     assert shown == yaml.safe_load((root / "configs" / "sources.yaml").read_text(encoding="utf-8"))
+
+
+def test_a_source_that_keeps_nothing_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Chinese prose prepped as English (no `language` on the source, prep.language en): the language filter
+    drops every document, and the stage stops naming that source, not the run as a whole."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    chapters = NOVEL.read_text(encoding="utf-8")[:30_000]
+    zh = tmp_path / "zh.jsonl"
+    zh.write_text("".join(json.dumps({"id": f"c{i}", "text": chapters[i * 3000:(i + 1) * 3000]}, ensure_ascii=False)
+                          + "\n" for i in range(5)), encoding="utf-8")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps({"workdir": str(tmp_path / "w"), "prep": {"tasks": 1, "workers": 1},
+                                "data": {"sources": [{"name": "web", "inputs": [str(WEB)]},
+                                                     {"name": "zh", "inputs": [str(zh)]}]}}))
+    assert main(["prep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "source 'zh': no document was kept: 5 in, dropped by language 5" in err
+    stats = json.loads((tmp_path / "w" / "prep" / "stats.json").read_text())
+    assert stats["sources"]["web"]["docs_out"] > 0 and stats["sources"]["zh"]["dropped_language"] == 5
