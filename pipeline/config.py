@@ -131,7 +131,9 @@ class Config(Section):
 
     def section_dump(self, *sections: str) -> dict[str, Any]:
         """Some sections as JSON, without the keys that do not change what a stage makes (NOT_IDENTITY)."""
-        return self.model_dump(mode="json", include=set(sections), exclude=NOT_IDENTITY)
+        # without data.sources when there are none: a data.inputs workdir made before they existed stays complete
+        exclude = NOT_IDENTITY if self.data.sources else {**NOT_IDENTITY, "data": {"sources": True}}
+        return self.model_dump(mode="json", include=set(sections), exclude=exclude)
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections, for completion markers and run tags."""
