@@ -9,8 +9,9 @@ from __future__ import annotations
 import typing
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from dataprep.names import Name
 from dataprep.schema import Section
 
 
@@ -21,6 +22,32 @@ class TxtConfig(Section):
         "paragraphs", description="paragraphs: cut at blank lines (at line ends if there are none) and pack into "
         "documents of up to max_chars; file: one document per file.")
     max_chars: int = Field(20_000, ge=100, description="Longest document cut from a .txt file (characters).")
+
+
+def _known_language_code(value: str) -> str:
+    from dataprep.languages import resolve_language
+
+    resolve_language(value)  # ValueError listing the supported codes
+    return value
+
+
+class SourceConfig(Section):
+    """One source of `data.sources`: its files, its language, and its share of the training tokens."""
+
+    name: Name = Field(description="The source's name: its prep and shard files, metrics (source.<name>.*, "
+                       "val_bpb.<name>) and summary lines carry it.")
+    inputs: list[str] = Field(min_length=1, description="Files or globs, as data.inputs takes them.")
+    language: str | None = Field(None, description="ISO 639-1/3 code of this source (null: prep.language).")
+    weight: float = Field(1.0, gt=0, description="Share of the training tokens drawn from this source, relative "
+                          "to the other weights (0.7 and 0.3: 70% and 30%); a small source repeats.")
+    text_key: str | None = Field(None, description="JSON/Parquet field that holds the document text "
+                                 "(null: data.text_key).")
+    id_key: str | None = Field(None, description="Field with the document id (null: data.id_key).")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str | None) -> str | None:
+        return None if value is None else _known_language_code(value)
 
 
 class DataConfig(Section):
@@ -38,6 +65,27 @@ class DataConfig(Section):
     )
     strict: bool = Field(False, description="Stop at the first malformed record instead of setting it aside.")
     txt: TxtConfig = Field(default_factory=TxtConfig)
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Several sources mixed by weight, each prepped in its own language, "
+        "counted, sharded and evaluated on its own (instead of data.inputs, which is one source).")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"source name {twice[0]!r} is given more than once; each source needs its own name")
+        return value
+
+    @model_validator(mode="after")
+    def _inputs_or_sources(self) -> DataConfig:
+        if self.sources and "inputs" in self.model_fields_set:
+            raise ValueError("set data.inputs (one source) or data.sources (several), not both")
+        if self.sources and self.val_inputs:
+            raise ValueError("data.val_inputs does not combine with data.sources: each source's val split comes "
+                             "from its own documents (shards.val_fraction)")
+        return self
 
 
 class FilterSection(Section):
@@ -242,10 +290,7 @@ class PrepConfig(Section):
     @field_validator("language")
     @classmethod
     def _known_language(cls, value: str) -> str:
-        from dataprep.languages import resolve_language
-
-        resolve_language(value)  # ValueError listing the supported codes
-        return value
+        return _known_language_code(value)
 
 
 class TokenizerConfig(Section):

@@ -61,6 +61,9 @@ class PrepLayout:
     """Folders under <workdir>/prep."""
 
     root: Path
+    # data.sources: every source writes into the one prep/output, its files named <source>@<rank>.jsonl.zst
+    output_dir: Path | None = None
+    output_prefix: str = ""
 
     @property
     def input(self) -> Path:
@@ -68,7 +71,7 @@ class PrepLayout:
 
     @property
     def output(self) -> Path:
-        return self.root / "output"
+        return self.output_dir or self.root / "output"
 
     @property
     def removed(self) -> Path:
@@ -94,13 +97,14 @@ class PrepPlan:
     drop_steps: list[str]  # every step that can drop documents, in order
 
 
-def _writer(folder: Path) -> JsonlWriter:
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl.zst", compression="zstd")
+def _writer(folder: Path, prefix: str = "") -> JsonlWriter:
+    return JsonlWriter(str(folder), output_filename=prefix + "${rank}.jsonl.zst", compression="zstd")
 
 
-def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path) -> PrepPlan:
+def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path, output_dir: Path | None = None,
+               output_prefix: str = "") -> PrepPlan:
     """The sub-stages for these input files (already expanded; unknown formats raise ValueError)."""
-    layout = PrepLayout(Path(root))
+    layout = PrepLayout(Path(root), output_dir, output_prefix)
     work, removed = layout.work, layout.removed
     tasks, workers = prep.tasks, min(prep.workers, prep.tasks)
     drop_steps: list[str] = ["malformed"]
@@ -147,7 +151,7 @@ def build_plan(files: list[str], data: DataConfig, prep: PrepConfig, root: Path)
     if pii is not None:
         current.pipeline.append(pii)
     current.counters[len(current.pipeline)] = "out"
-    current.pipeline += [Tally(), _writer(layout.output)]
+    current.pipeline += [Tally(), _writer(layout.output, layout.output_prefix)]
     return PrepPlan(layout, stages, drop_steps)
 
 

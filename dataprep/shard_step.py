@@ -50,8 +50,10 @@ class TokenShardWriter(PipelineStep):
         max_shard_bytes: int = 256 * 2**20,
         compression: str = "none",
         batch_bytes: int = 4 * 2**20,
+        data_source: str | None = None,
     ):
         super().__init__()
+        self.data_source = data_source  # the data.sources entry these documents belong to (None: data.inputs)
         self.tokenizer_dir = str(tokenizer_dir)
         self.shards_dir = str(shards_dir)
         self.source = source
@@ -104,6 +106,8 @@ class TokenShardWriter(PipelineStep):
         entries = {split: writer.close() for split, writer in writers.items()}
         part = {"source": self.source, "rank": rank, "world_size": world_size, "metadata": metadata,
                 "shards": entries}
+        if self.data_source is not None:
+            part["data_source"] = self.data_source
         parts = shards_dir / PARTS_DIR
         parts.mkdir(parents=True, exist_ok=True)
         tmp = parts / f"{stem}.json.tmp"

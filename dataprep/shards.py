@@ -275,7 +275,7 @@ def build_manifest(metadata: dict[str, str], entries: dict[str, list[dict[str, A
             "bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
         }
-    return {
+    manifest = {
         "format": FORMAT,
         "version": VERSION,
         "tokenizer_sha256": metadata["tokenizer_sha256"],
@@ -284,6 +284,12 @@ def build_manifest(metadata: dict[str, str], entries: dict[str, list[dict[str, A
         "dtype": metadata["dtype"],
         "splits": splits,
     }
+    names = sorted({s["source"] for split in splits.values() for s in split["shards"] if "source" in s})
+    if names:  # data.sources: each shard entry names its source; the totals per source and split
+        manifest["sources"] = {name: {split: {key: sum(s[key] for s in info["shards"] if s.get("source") == name)
+                                              for key in ("docs", "tokens", "bytes")}
+                                      for split, info in splits.items()} for name in names}
+    return manifest
 
 
 def write_manifest(shards_dir: str | Path, manifest: dict[str, Any]) -> Path:

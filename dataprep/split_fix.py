@@ -52,11 +52,15 @@ def _write_part(shards_dir: Path, name: str, part: dict[str, Any]) -> None:
 
 
 def ensure_both_splits(shards_dir: str | Path, tokenizer_dir: str | Path, val_fraction: float,
-                       max_shard_bytes: int = 256 * 2**20, compression: str = "none") -> str:
-    """Fill an empty split from the tail of the other; returns how the split was cut (for the summary)."""
+                       max_shard_bytes: int = 256 * 2**20, compression: str = "none",
+                       data_source: str | None = None) -> str:
+    """Fill an empty split from the tail of the other; returns how the split was cut (for the summary).
+
+    `data_source`: only that source's shards (data.sources: every source gets both splits)."""
     shards_dir = Path(shards_dir)
     how = f"by a hash of each document id (val_fraction {val_fraction})"
-    parts = read_parts(shards_dir)
+    parts = [p for p in read_parts(shards_dir) if p.get("data_source") == data_source]
+    fix_name = FIX_SOURCE if data_source is None else f"{FIX_SOURCE}-{data_source}"
     if val_fraction <= 0 or not parts:
         return how
     done = [p["note"] for p in parts if p["source"] == FIX_SOURCE]
@@ -110,13 +114,15 @@ def ensure_both_splits(shards_dir: str | Path, tokenizer_dir: str | Path, val_fr
             entries[slot : slot + 1] = writer.close()
         else:
             del entries[slot]
-    writer = ShardWriter(shards_dir, dst, f"{FIX_SOURCE}-{src}", metadata, max_shard_bytes, compression)
+    writer = ShardWriter(shards_dir, dst, f"{fix_name}-{src}", metadata, max_shard_bytes, compression)
     writer.write(_batch(moved, lengths, dtype))
     fix = {"source": FIX_SOURCE, "rank": 0, "world_size": 1, "metadata": metadata,
            "shards": {dst: writer.close(), src: []}, "note": note}
+    if data_source is not None:
+        fix["data_source"] = data_source
     for part in {owner[p][0] for p in affected}:
         _write_part(shards_dir, f"{parts[part]['source']}-{parts[part]['rank']:05d}", parts[part])
-    _write_part(shards_dir, FIX_SOURCE, fix)
+    _write_part(shards_dir, fix_name, fix)
     for path in affected:
         (shards_dir / path).unlink()
     return note

@@ -102,8 +102,9 @@ class TrackingConfig(Section):
 
 
 # Keys that do not change what a stage makes, so a change of them resumes or skips rather than redoes:
-# how hard shards are checked before training reads them.
-NOT_IDENTITY: dict[str, Any] = {"shards": {"verify"}}
+# how hard shards are checked before training reads them; the weights of data.sources (prep and shards
+# are made per source whatever the weights; pretraining's identity adds them back, pipeline.stages.pretrain).
+NOT_IDENTITY: dict[str, Any] = {"shards": {"verify"}, "data": {"sources": {"__all__": {"weight"}}}}
 
 
 class Config(Section):
@@ -130,7 +131,9 @@ class Config(Section):
 
     def section_dump(self, *sections: str) -> dict[str, Any]:
         """Some sections as JSON, without the keys that do not change what a stage makes (NOT_IDENTITY)."""
-        return self.model_dump(mode="json", include=set(sections), exclude=NOT_IDENTITY)
+        # without data.sources when there are none: a data.inputs workdir made before they existed stays complete
+        exclude = NOT_IDENTITY if self.data.sources else {**NOT_IDENTITY, "data": {"sources": True}}
+        return self.model_dump(mode="json", include=set(sections), exclude=exclude)
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections, for completion markers and run tags."""
@@ -309,6 +312,8 @@ def check_inputs(cfg: Config) -> None:
     """Fail early on inputs and task files that are not there."""
     where = str(cfg.source or "<defaults>")
     expand_inputs(cfg.data.inputs, "data.inputs", where)
+    for i, source in enumerate(cfg.data.sources):
+        expand_inputs(source.inputs, f"data.sources.{i}.inputs", where)
     expand_inputs(cfg.data.val_inputs, "data.val_inputs", where)
     for i, task in enumerate(cfg.finetune.tasks):
         for key in ("train", "eval"):

@@ -46,3 +46,12 @@ def test_bad_weights_and_empty_sources_are_refused() -> None:
         source_of([0.0, 0.0], 0, 0, 10)
     with pytest.raises(ValueError, match="no samples"):
         mixed_samples([0, 10], [0.5, 0.5], 0, 0, 10)
+
+
+def test_a_cursor_that_skips_and_rewinds_gives_what_the_pure_function_gives() -> None:
+    from training.mixing import MixCursor
+
+    samples, weights, seed = [300, 7], [0.6, 0.4], 11
+    cursor = MixCursor(samples, weights, seed)
+    for start, count in ((0, 5), (5, 9), (30, 4), (200, 50), (12, 3), (2000, 8)):  # forward, gaps, back
+        assert cursor.take(start, count) == mixed_samples(samples, weights, seed, start, count)

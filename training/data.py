@@ -43,6 +43,7 @@ class PackedLoader:
         vocab_size: int | None = None,
         verify_checksums: bool = False,
         shuffle: bool = True,
+        source: str | None = None,
     ):
         if split not in SPLITS:
             raise LoaderError(f"unknown split {split!r}: expected one of {SPLITS}")
@@ -63,6 +64,8 @@ class PackedLoader:
         self.manifest = read_manifest(self.shards_dir)
         self._check_manifest(tokenizer_sha256, vocab_size)
         info = self.manifest["splits"][split]
+        if source is not None:  # one source of data.sources: the stream of its shards alone
+            info = source_split(self.manifest, split, source, self.shards_dir)
         self._split_tokens = int(info["tokens"])
         self._split_bytes = int(info["bytes"])
         self._data_id = hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()[:16]
@@ -77,7 +80,8 @@ class PackedLoader:
             raise LoaderError(f"{self.shards_dir}: the {split} shards hold {self.total_tokens} tokens but "
                               f"manifest.json says {self._split_tokens}; re-run `scratchgpt shard`")
         if self.total_tokens < block_size + 1:
-            raise LoaderError(f"block_size {block_size} is longer than the {split} split of {self.shards_dir}: "
+            raise LoaderError(f"block_size {block_size} is longer than the {split} split of {self.shards_dir}"
+                              f"{f' (source {source!r})' if source else ''}: "
                               f"it has {self.total_tokens} tokens, a sample needs block_size + 1 = {block_size + 1}")
         self._samples = (self.total_tokens - 1) // block_size
         self._perms: dict[int, np.ndarray] = {}
@@ -192,3 +196,14 @@ class PackedLoader:
         if consumed < 0:
             raise LoaderError(f"consumed_samples {consumed} in the saved loader state is negative")
         self.consumed_samples = consumed
+
+
+def source_split(manifest: dict[str, Any], split: str, source: str, shards_dir: Path) -> dict[str, Any]:
+    """The manifest entry of one source's part of a split (shards tagged with it, in manifest order)."""
+    shards = [e for e in manifest["splits"][split]["shards"] if e.get("source") == source]
+    if not shards or not any(e["docs"] for e in shards):
+        known = sorted(manifest.get("sources", {}))
+        raise LoaderError(f"{shards_dir / 'manifest.json'}: source {source!r} has no {split} documents "
+                          f"(sources in the manifest: {known}); re-run `scratchgpt shard` for data.sources")
+    return {"docs": sum(e["docs"] for e in shards), "tokens": sum(e["tokens"] for e in shards),
+            "bytes": sum(e["bytes"] for e in shards), "shards": shards}

@@ -86,6 +86,8 @@ class Trainer:
     sample: Callable[[int], str] | None = None  # called on every rank at each eval (ZeRO-3 gathers collectively)
     on_step: Callable[[int], None] | None = None  # after each step: tests use it to send signals at a given step
     progress: bool = False  # print a line per logged step (rank 0 of a CLI run)
+    # data.sources: name -> (a fresh val loader of that source alone, its bytes per token, its weight)
+    source_val: dict[str, tuple[Callable[[], Any], float, float]] = field(default_factory=dict)
     step: int = 0
     budget_used_s: float = 0.0  # training wall time spent towards max_minutes, across resumes (all ranks agree)
     stable_phase: bool = False  # every step so far ran before a WSD decay (the state can continue a longer run)
@@ -171,11 +173,35 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
+        if self.source_val:
+            return self._evaluate_sources()
+        val_loss = self._val_loss(self.make_val_loader())
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
+        }
+
+    def _evaluate_sources(self) -> dict[str, float]:
+        """val_loss.<name> and val_bpb.<name> on each source's val split; val_loss and val_bpb are their
+        means at the sources' weights (the mix training draws from)."""
+        out: dict[str, float] = {}
+        total = sum(weight for _, _, weight in self.source_val.values())
+        val_loss = val_bpb = 0.0
+        for name, (make_loader, bytes_per_token, weight) in self.source_val.items():
+            loss = self._val_loss(make_loader())
+            out[f"val_loss.{name}"] = loss
+            out[f"val_bpb.{name}"] = loss / math.log(2) / bytes_per_token
+            val_loss += weight / total * loss
+            val_bpb += weight / total * out[f"val_bpb.{name}"]
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": val_bpb, **out}
+
+    def _val_loss(self, val: Any) -> float:
+        """Mean loss over eval_batches micro-batches of every rank."""
         import torch
 
         engine = self.eng.engine
         device = self.eng.dist.device
-        val = self.make_val_loader()
         engine.eval()
         total = 0.0
         with torch.no_grad():
@@ -185,12 +211,7 @@ class Trainer:
                 total += loss.item()
         engine.train()
         (summed,) = self._all_reduce([total])
-        val_loss = summed / (self.train_cfg.eval_batches * self.eng.dist.world_size)
-        return {
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-            "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
-        }
+        return summed / (self.train_cfg.eval_batches * self.eng.dist.world_size)
 
     # ------------------------------------------------------------ the loop
 

@@ -1,6 +1,6 @@
 """Several sources mixed by weight: which source each global sample comes from, as a pure function.
 
-A building block for `data.sources` (not wired into the loader yet). Global sample *i*
+The order behind `data.sources` (training.mixed_loader reads it). Global sample *i*
 (counting every sample every rank consumed, as `consumed_samples` in a checkpoint does)
 is drawn from source *s* with probability `weights[s]` by a hash of (seed, i), so:
 
@@ -41,10 +41,12 @@ def source_of(weights: Sequence[float], seed: int, start: int, count: int) -> np
     return np.searchsorted(edges, _uniform(seed, np.arange(start, start + count)), side="right")
 
 
-def draws_before(weights: Sequence[float], seed: int, consumed: int, chunk: int = 1 << 22) -> np.ndarray:
-    """How many of the first `consumed` global samples each source gave (where a resume continues)."""
+def draws_before(weights: Sequence[float], seed: int, consumed: int, chunk: int = 1 << 22,
+                 since: int = 0) -> np.ndarray:
+    """How many of the first `consumed` global samples each source gave (where a resume continues);
+    with `since`, of the samples since .. consumed-1 only."""
     counts = np.zeros(len(weights), dtype=np.int64)
-    for start in range(0, consumed, chunk):
+    for start in range(since, consumed, chunk):
         counts += np.bincount(source_of(weights, seed, start, min(chunk, consumed - start)), minlength=len(weights))
     return counts
 
@@ -56,21 +58,47 @@ def mixed_samples(samples: Sequence[int], weights: Sequence[float], seed: int, s
     `samples[s]` is how many samples source *s* holds; its *k*-th draw is element *k mod n*
     of a permutation of range(n) drawn from (seed, s, epoch k // n).
     """
-    if any(n <= 0 for n, w in zip(samples, weights, strict=True) if w > 0):
-        raise ValueError(f"a source with weight > 0 has no samples: samples {list(samples)}, weights {list(weights)}")
-    sources = source_of(weights, seed, start, count)
-    seen = draws_before(weights, seed, start)
-    perms: dict[tuple[int, int], np.ndarray] = {}
-    out = []
-    for s in sources.tolist():
-        k = int(seen[s])
-        seen[s] += 1
-        n = samples[s]
-        epoch = k // n
-        if (s, epoch) not in perms:
-            perms[(s, epoch)] = np.random.default_rng([seed, s, epoch]).permutation(n)
-        out.append((s, int(perms[(s, epoch)][k % n])))
-    return out
+    return MixCursor(samples, weights, seed).take(start, count)
+
+
+class MixCursor:
+    """`mixed_samples` for a reader that moves forward (a loader): the draw counts travel with it instead of
+    being recounted from sample 0 at every call, so a step costs its own samples, not the whole run's."""
+
+    def __init__(self, samples: Sequence[int], weights: Sequence[float], seed: int) -> None:
+        if any(n <= 0 for n, w in zip(samples, weights, strict=True) if w > 0):
+            raise ValueError(f"a source with weight > 0 has no samples: samples {list(samples)}, "
+                             f"weights {list(weights)}")
+        self.samples, self.weights, self.seed = list(samples), list(weights), seed
+        self._position = 0
+        self._seen = np.zeros(len(self.samples), dtype=np.int64)  # draws of each source before _position
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
+
+    def _seek(self, start: int) -> None:
+        if start < self._position:  # backwards (a restore): count from the beginning
+            self._position, self._seen = 0, np.zeros_like(self._seen)
+        # the other ranks' slices in between, or everything before a restored position
+        self._seen = self._seen + draws_before(self.weights, self.seed, start, since=self._position)
+        self._position = start
+
+    def _permutation(self, source: int, epoch: int) -> np.ndarray:
+        held = self._perms.get(source)
+        if held is None or held[0] != epoch:
+            held = (epoch, np.random.default_rng([self.seed, source, epoch]).permutation(self.samples[source]))
+            self._perms[source] = held
+        return held[1]
+
+    def take(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(source, sample within that source) for global samples start .. start+count-1."""
+        self._seek(start)
+        out = []
+        for s in source_of(self.weights, self.seed, start, count).tolist():
+            k = int(self._seen[s])
+            self._seen[s] += 1
+            n = self.samples[s]
+            out.append((s, int(self._permutation(s, k // n)[k % n])))
+        self._position = start + count
+        return out
 
 
 def epochs_seen(samples: Sequence[int], weights: Sequence[float], seed: int, consumed: int) -> list[float]:

@@ -93,6 +93,7 @@ register(StageSpec(
     "pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run",
     "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",),
     digest="pipeline.stages.pretrain:digest", resume_config="pipeline.stages.pretrain:resume_config",
+    identity_config="pipeline.stages.pretrain:identity_config",
     template="pretrain", ranks=True))
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.

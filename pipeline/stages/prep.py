@@ -22,18 +22,21 @@ class PrepInputError(ConfigError):
     """Input that stops the stage (strict mode, unknown format): reported like a config error, file and line."""
 
 
-def resolve_inputs(cfg: Config, input_dir: Path) -> list[str]:
-    """Input files: globs expanded, `builtin:` inputs materialised as jsonl under prep/input/."""
+def resolve_inputs(cfg: Config, input_dir: Path, patterns: list[str] | None = None, key: str = "data.inputs",
+                   text_key: str | None = None, id_key: str | None = None) -> list[str]:
+    """Input files: globs expanded, `builtin:` inputs materialised as jsonl under prep/input/.
+    (`patterns` and the keys: one source of data.sources; default data.inputs.)"""
     from dataprep.builtin_corpus import materialise
 
     where = str(cfg.source or "<defaults>")
+    text_key, id_key = text_key or cfg.data.text_key, id_key or cfg.data.id_key
     files = []
-    for path in expand_inputs(cfg.data.inputs, "data.inputs", where):
+    for path in expand_inputs(cfg.data.inputs if patterns is None else patterns, key, where):
         if path.startswith(BUILTIN_PREFIX):
             try:
-                path = str(materialise(path[len(BUILTIN_PREFIX):], input_dir, cfg.data.text_key, cfg.data.id_key))
+                path = str(materialise(path[len(BUILTIN_PREFIX):], input_dir, text_key, id_key))
             except ValueError as exc:
-                raise ConfigError(f"{where}: `data.inputs`: {exc}") from None
+                raise ConfigError(f"{where}: `{key}`: {exc}") from None
         files.append(path)
     return files
 
@@ -80,7 +83,11 @@ def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> N
 
 def input_files(cfg: Config) -> list[str]:
     """The input files the stage will read (globs expanded; `builtin:` names as they are): its identity."""
-    return expand_inputs(cfg.data.inputs, "data.inputs", str(cfg.source or "<defaults>"))
+    where = str(cfg.source or "<defaults>")
+    if cfg.data.sources:
+        return [f for i, s in enumerate(cfg.data.sources) for f in expand_inputs(s.inputs, f"data.sources.{i}.inputs",
+                                                                                  where)]
+    return expand_inputs(cfg.data.inputs, "data.inputs", where)
 
 
 def digest(cfg: Config) -> str:
@@ -99,6 +106,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from pipeline.core.executors import run_local, run_slurm
 
     cfg = ctx.cfg
+    if cfg.data.sources:  # several sources: the same pipeline once per source
+        from pipeline.stages.prep_sources import run_sources
+
+        return run_sources(ctx)
     started = time.perf_counter()
     root = ctx.paths.prep
     files = resolve_inputs(cfg, ctx.paths.prep_input)

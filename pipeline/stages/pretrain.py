@@ -30,7 +30,20 @@ def resume_config(cfg: Config) -> dict[str, Any]:
     """The config as far as it decides whether the checkpoints can be continued: a WSD run's max_steps may grow."""
     from training.schedule import resumable_train
 
-    return cfg.model_copy(update={"train": resumable_train(cfg.train)}).section_dump("model", "train")
+    return with_mix(cfg, cfg.model_copy(update={"train": resumable_train(cfg.train)}).section_dump("model", "train"))
+
+
+def identity_config(cfg: Config) -> dict[str, Any]:
+    """model and train, and the weights of data.sources (prep and shard leave them out: they change only
+    the order pretraining draws in)."""
+    return with_mix(cfg, cfg.section_dump("model", "train"))
+
+
+def with_mix(cfg: Config, sections: dict[str, Any]) -> dict[str, Any]:
+    from dataprep.sources import mix_weights
+
+    weights = mix_weights(cfg.data)
+    return {**sections, "mix": weights} if weights else sections  # data.inputs: the identity of before
 
 
 def digest(cfg: Config) -> str:
@@ -143,6 +156,13 @@ def build(cfg: Config) -> PretrainSetup:
         return PackedLoader(paths["shards"], "val", shuffle=False, **loader_args)
 
     bytes_per_token = make_val_loader().tokens_per_sample_bytes
+    source_val = {}
+    if cfg.data.sources:  # drawn from each source at its weight; val_bpb per source too
+        from dataprep.sources import mix_weights
+        from training.mixed_loader import MixedLoader, source_val_loaders
+
+        loader = MixedLoader(paths["shards"], "train", mix_weights(cfg.data), **loader_args)
+        source_val = source_val_loaders(paths["shards"], mix_weights(cfg.data), loader_args)
     tokenizer = load_tokenizer(paths["tokenizer"])
     sampler = make_sampler(eng.engine.module, tokenizer, train.sample_prompt, train.sample_tokens,
                            eot_id(tokenizer), train.seed, dist.device) if train.sample_tokens > 0 else None
@@ -151,7 +171,8 @@ def build(cfg: Config) -> PretrainSetup:
     trainer = Trainer(eng=eng, train_cfg=train, loader=loader, make_val_loader=make_val_loader,
                       ckpt_dir=paths["checkpoints"], meta=meta, bytes_per_token=bytes_per_token,
                       block_size=gcfg.block_size, flops_per_token=flops_per_token,
-                      peak_flops=peak_flops(dist.device, precision), sample=sampler, progress=dist.is_main)
+                      peak_flops=peak_flops(dist.device, precision), sample=sampler, progress=dist.is_main,
+                      source_val=source_val)
     return PretrainSetup(trainer=trainer, eng=eng, gcfg=gcfg, paths=paths, n_params=n_params, precision=precision,
                          estimate=estimate, sampler=sampler, manifest=manifest)
 
@@ -214,6 +235,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "checkpoint": str(paths["checkpoints"] / str(result.checkpoint)),
         "export": str(export_dir or paths["export"]),
         "sample": sample_text,
+        **({"epochs": trainer.loader.epochs_seen()} if hasattr(trainer.loader, "epochs_seen") else {}),
     }
 
 

@@ -82,6 +82,8 @@ def merge_parts(out: Path, token_hash: str) -> dict[str, Any]:
                 if not (out / entry["path"]).is_file():
                     raise RuntimeError(f"task {part['source']}-{part['rank']} listed {entry['path']}, "
                                        f"which is missing from {out}")
+            if "data_source" in part:  # data.sources: the manifest says which source each shard holds
+                shards = [{**entry, "source": part["data_source"]} for entry in shards]
             entries[split].extend(shards)
     manifest = build_manifest(metadata, entries)
     write_manifest(out, manifest)
@@ -131,6 +133,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         TokenShardWriter(source="docs", split="train" if val_files else "hash", **writer_args),
     ]
     substages = [SubStage("docs", main, sc.tasks, min(sc.workers, sc.tasks))]
+    if cfg.data.sources:  # each source its own train and val shards (dataprep.sources)
+        from dataprep.sources import shard_substages
+
+        substages = shard_substages(cfg.data.sources, clean, writer_args, sc)
     if val_files:
         reader = InputReader(val_files, text_key=cfg.data.text_key, id_key=cfg.data.id_key,
                              strict=cfg.data.strict, removed_writer=RemovedWriter(removed, "val_inputs"))
@@ -142,7 +148,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     except MalformedRecordError as exc:
         raise StageInputError(f"malformed record in data.val_inputs (data.strict is on): {exc}") from None
     split_note = "all clean documents in train; val from data.val_inputs"
-    if not val_files:  # both splits get documents whenever val_fraction > 0 (see dataprep.split_fix)
+    if cfg.data.sources:
+        from dataprep.sources import fill_splits
+
+        split_note = fill_splits(cfg.data.sources, out, tok_dir, sc)
+    elif not val_files:  # both splits get documents whenever val_fraction > 0 (see dataprep.split_fix)
         from dataprep.split_fix import ensure_both_splits
 
         split_note = ensure_both_splits(out, tok_dir, sc.val_fraction, sc.max_shard_bytes, sc.compression)
@@ -165,6 +175,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary["path"] = str(out)
     summary["split"] = split_note
     mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+    if cfg.data.sources:
+        from dataprep.sources import check_source_splits, shard_metrics
+
+        summary["sources"] = manifest["sources"]
+        mlflow.log_metrics(shard_metrics(manifest))
+        check_source_splits(manifest, cfg.data.sources, sc.val_fraction)
     mlflow.set_tags({SHARD_MANIFEST_TAG: summary["manifest_sha256"], "dtype": manifest["dtype"]})
     mlflow.log_artifact(str(out / "manifest.json"))
     if summary["val_inputs_malformed"]:
