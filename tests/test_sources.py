@@ -228,3 +228,14 @@ def test_a_source_that_keeps_nothing_is_named(tmp_path: Path, capsys, monkeypatc
     assert "source 'zh': no document was kept: 5 in, dropped by language 5" in err
     stats = json.loads((tmp_path / "w" / "prep" / "stats.json").read_text())
     assert stats["sources"]["web"]["docs_out"] > 0 and stats["sources"]["zh"]["dropped_language"] == 5
+
+
+def test_lineage_of_the_export_names_the_sources(run: dict) -> None:
+    """A sources run's lineage shows data.sources, not data.inputs' unused default."""
+    from pipeline.runs.lineage import format_lineage, lineage
+    from pipeline.runs.store import open_store
+
+    store = open_store(f"sqlite:///{(run['workdir'] / 'mlflow.db').resolve()}", None)
+    text = format_lineage(lineage(str(run["workdir"] / "pretrain" / "export"), store))
+    assert "data.sources" in text and "builtin:python-docs" not in text
+    assert "xiyou_ji" in text  # the zh source's file is among the inputs

@@ -365,6 +365,7 @@ def _fill_prep(lin: Lineage, workdir: Path | None, tags: dict[str, str], store: 
     if run is not None:
         section["run"] = _run_summary(run)
         section["data.inputs"] = run.data.params.get("data.inputs")
+        section["data.sources"] = run.data.params.get("data.sources")
     if counts:
         section.update({k: counts.get(k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out")})
         section["dropped"] = {k.removeprefix("dropped_"): v for k, v in counts.items()
@@ -374,11 +375,14 @@ def _fill_prep(lin: Lineage, workdir: Path | None, tags: dict[str, str], store: 
 
 def _fill_inputs(lin: Lineage, params: dict[str, str]) -> None:
     configured = params.get("data.inputs") or lin.prep.get("data.inputs")
+    sources = params.get("data.sources") or lin.prep.get("data.sources")
     files = []
     for name in lin.prep.get("input_files", []):
         file = Path(name)
         files.append({"path": name, "exists": file.is_file(), "bytes": file.stat().st_size if file.is_file() else None})
     lin.inputs = {"data.inputs": configured, "files": files}
+    if sources not in (None, "", "[]", "None"):  # several sources: data.inputs is only its unused default
+        lin.inputs = {"data.sources": sources, "files": files}
 
 
 def _fill_markers(lin: Lineage, workdir: Path | None) -> None:
@@ -461,7 +465,10 @@ def format_lineage(lin: Lineage) -> str:
     else:
         more("no prep counts found")
     run_line(prep.get("run"), "prep")
-    head("inputs", f"data.inputs = {lin.inputs.get('data.inputs') or '(not recorded)'}")
+    if "data.sources" in lin.inputs:
+        head("inputs", f"data.sources = {lin.inputs['data.sources']}")
+    else:
+        head("inputs", f"data.inputs = {lin.inputs.get('data.inputs') or '(not recorded)'}")
     for file in lin.inputs.get("files", []):
         state = f"{_num(file['bytes'])} bytes" if file["exists"] else "MISSING"
         more(f"{file['path']} ({state})")
