@@ -19,13 +19,15 @@ from training.classifier import load_classifier
 from training.config import TaskConfig
 from training.finetune import task_lr_ratio
 
-TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés", "fine"]
+TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés", "fine", ""]
 
 
 def _batch(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids of TEXTS, their lengths and the attention mask, with the export's own tokenizer."""
     _, _, pad = load_classifier(folder)
     rows = [e.ids for e in Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(TEXTS)]
+    width = max(map(len, rows))
+    rows = [r or [pad] for r in rows]  # an empty text is one pad id, as training encodes it
     width = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     lengths = torch.tensor([len(r) for r in rows])
@@ -95,7 +97,7 @@ def test_pooling_trains_and_exports_with_the_same_logits(tmp_path: Path, pretrai
     assert torch.allclose(ours, unmasked, atol=1e-4)
 
 
-def test_mean_and_last_pooling_score_differently(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
+def test_mean_and_last_pooling_score_differently() -> None:
     """The option changes what the head reads (a no-op would pass the export test above)."""
     from training.classifier import GPTClassifier, pool
 
@@ -128,8 +130,8 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
     gains = [100 * (a["eval_accuracy"] - b["eval_accuracy"])
              for a in comparison["runs"] if a["arm"] == "pretrained"
              for b in comparison["runs"] if b["arm"] == "scratch" and b["seed"] == a["seed"]]
-    assert comparison["gain_points"] == pytest.approx(sum(gains) / 2)
-    assert comparison["gain_min_points"] == pytest.approx(min(gains))
+    assert comparison["gain"] == pytest.approx(sum(gains) / 2)
+    assert comparison["gain_min"] == pytest.approx(min(gains))
 
     client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
     runs = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
@@ -139,7 +141,7 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
         ("pretrained", "1337"), ("pretrained", "1338"), ("scratch", "1337"), ("scratch", "1338")]
     for child in children:
         assert child.data.params["task.from_scratch"] == str(child.data.tags["arm"] == "scratch")
-    assert parent.data.metrics["sst2.gain_points"] == pytest.approx(comparison["gain_points"])
+    assert parent.data.metrics["sst2.gain"] == pytest.approx(comparison["gain"])
 
     # Lineage tells the arms apart.
     scratch_run = next(r for r in children if r.data.tags["arm"] == "scratch")
@@ -154,3 +156,66 @@ def test_vs_scratch_and_from_scratch_together_is_one_clear_error(tmp_path: Path)
 
     with pytest.raises(ConfigError, match="finetune.vs_scratch"):
         load_config(None, [f"workdir={tmp_path}", "finetune.vs_scratch=true", "finetune.from_scratch=true"])
+    task = {"name": "a", "train": "x.tsv", "eval": "y.tsv", "from_scratch": True}
+    with pytest.raises(ConfigError, match=r"finetune\.tasks\.0\.from_scratch"):
+        load_config(None, [f"workdir={tmp_path}", "finetune.vs_scratch=true", f"finetune.tasks=[{json.dumps(task)}]"])
+
+
+def test_lineage_of_each_arm_and_seed_folder_finds_its_own_run(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
+    from pipeline.runs.lineage import lineage
+    from pipeline.runs.store import open_store
+
+    cfg = _config(tmp_path, pretrained, "finetune.vs_scratch=true", "finetune.seeds=2", steps=2)
+    cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"eval_every": 2})
+    run_stage(cfg, "finetune", force=True)
+    store = open_store(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}", None)
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
+    for folder, arm, seed in (("sst2", "pretrained", "1337"), ("sst2-scratch", "scratch", "1337"),
+                              ("sst2-seed1338", "pretrained", "1338"), ("sst2-scratch-seed1338", "scratch", "1338")):
+        lin = lineage(str(tmp_path / "work" / "finetune" / folder / "export"), store)
+        run = client.get_run(lin.model["finetune_run"]["run_id"])
+        assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed), folder
+        assert (lin.model.get("finetuned_from") == "random weights") == (arm == "scratch"), folder
+        by_run = lineage(run.info.run_id, store)
+        if arm == "scratch":  # its own folder, not the first seed's
+            assert by_run.model["path"] == str((tmp_path / "work" / "finetune" / folder).resolve())
+        else:  # started from finetune.init_from: the lineage is that export's
+            assert by_run.model["finetuned_from"] == str(pretrained / "export")
+
+
+def test_keys_an_sft_task_would_ignore_are_refused(tmp_path: Path, pretrained: Path, capsys) -> None:  # noqa: F811
+    from pipeline.cli import main
+
+    rows = [{"prompt": "q: hi", "response": "a: hello"}] * 4
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for key, value in (("head_lr", 0.01), ("pooling", "mean")):
+        task = {"name": "qa", "kind": "sft", "train": str(tmp_path / "qa.jsonl"), "eval": str(tmp_path / "qa.jsonl"),
+                key: value}
+        config = tmp_path / "sft.yaml"
+        config.write_text(json.dumps({"workdir": str(tmp_path / "w"), "finetune": {
+            "init_from": str(pretrained / "export"), "tasks": [task]}}))
+        code = main(["finetune", str(config)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"finetune.tasks.0.{key}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("tasks, key", [
+    ([{"name": "a"}, {"name": "a"}], "finetune.tasks.1.name"),
+    ([{"name": "a-scratch"}], "finetune.tasks.0.name"),
+    ([{"name": "a-seed7"}], "finetune.tasks.0.name"),
+])
+def test_task_names_that_would_share_a_folder_are_refused(tmp_path: Path, tasks: list, key: str) -> None:
+    from pipeline.config import ConfigError, load_config
+
+    full = [{**t, "train": "x.tsv", "eval": "y.tsv"} for t in tasks]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [f"workdir={tmp_path}", f"finetune.tasks={json.dumps(full)}"])
+
+
+def test_the_comparison_line_of_a_loss_scored_task_speaks_of_loss() -> None:
+    from training.task_metrics import arm_comparison, comparison_line
+
+    result = arm_comparison({1: 2.5, 2: 2.7}, {1: 3.0, 2: 2.9}, "eval_loss")
+    assert result["gain"] == pytest.approx(0.35) and result["gain_min"] == pytest.approx(0.2)
+    line = comparison_line("qa", "eval_loss", result)
+    assert "lowers it by +0.3500" in line and "%" not in line and "points" not in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -157,4 +158,21 @@ class FinetuneConfig(Section):
         if self.vs_scratch and self.from_scratch:
             raise ValueError("set finetune.vs_scratch (both arms) or finetune.from_scratch (the scratch arm only), "
                              "not both")
+        for i, task in enumerate(self.tasks):
+            if self.vs_scratch and task.from_scratch:
+                raise ValueError(f"finetune.tasks.{i}.from_scratch: task {task.name!r} asks for the scratch arm only, "
+                                 "but finetune.vs_scratch runs both arms")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_folders(self) -> FinetuneConfig:
+        # Results go to finetune/<task>[-scratch][-seed<N>] and finetune/<task>-comparison.json.
+        seen: set[str] = set()
+        for i, task in enumerate(self.tasks):
+            if task.name in seen:
+                raise ValueError(f"finetune.tasks.{i}.name: {task.name!r} is used by an earlier task")
+            if re.search(r"-(scratch|seed\d+|comparison)$", task.name):
+                raise ValueError(f"finetune.tasks.{i}.name: {task.name!r} ends like the folders of another task's "
+                                 "arms and seeds (-scratch, -seed<N>, -comparison); choose another name")
+            seen.add(task.name)
         return self

@@ -36,6 +36,7 @@ class GPT2MeanPoolForSequenceClassification(GPT2PreTrainedModel):
         if attention_mask is None:  # right-padded with the pad id, as scratchgpt trains
             pad = self.config.pad_token_id
             attention_mask = torch.ones_like(input_ids) if pad is None else (input_ids != pad).long()
+            attention_mask[:, 0] = 1  # every row has a first token (an empty text is encoded as one pad id)
         real = attention_mask.to(hidden.dtype)[..., None]
         logits = self.mean_score((hidden * real).sum(1) / real.sum(1).clamp(min=1))
         loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels)

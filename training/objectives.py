@@ -80,6 +80,8 @@ class Objective:
     """The interface; see ClassificationObjective and SftObjective for the two built in."""
 
     name = ""
+    new_head = False  # adds weights of its own beside the GPT's (what task.head_lr sets the rate of)
+    pools = False  # reads task.pooling
 
     def prepare(self, tokenizer: Any, train: list[Example], evaluation: list[Example], task: Any,
                 block_size: int, eot: int) -> Prepared:
@@ -135,7 +137,10 @@ def objective(name: str) -> Objective:
 
 @register_objective("classification")
 class ClassificationObjective(Objective):
-    """GPT-1's: a linear head on the last real token, cross-entropy plus the auxiliary LM loss."""
+    """GPT-1's: a linear head on the last real token (or the mean), cross-entropy plus the auxiliary LM loss."""
+
+    new_head = True
+    pools = True
 
     def prepare(self, tokenizer: Any, train: list[Example], evaluation: list[Example], task: Any,
                 block_size: int, eot: int) -> Prepared:

@@ -29,29 +29,43 @@ def macro_f1(gold: list[int], pred: list[int], n_classes: int) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def arm_comparison(pretrained: dict[int, float], scratch: dict[int, float]) -> dict[str, float]:
-    """Pretrained vs from-scratch scores, paired by seed: means, the gain in points and its spread over seeds."""
+def arm_comparison(pretrained: dict[int, float], scratch: dict[int, float], metric: str = "eval_accuracy"
+                   ) -> dict[str, float]:
+    """Pretrained vs from-scratch scores, paired by seed: the means, and the gain with its spread over seeds.
+
+    The gain is positive when pretraining helped: accuracy points (100 x the difference) for eval_accuracy, the
+    drop in loss for eval_loss."""
     import statistics
 
     seeds = sorted(pretrained.keys() & scratch.keys())
     if not seeds:
         raise ValueError("no seed was run in both arms")
-    gains = [100 * (pretrained[s] - scratch[s]) for s in seeds]
+    if metric == "eval_loss":
+        gains = [scratch[s] - pretrained[s] for s in seeds]
+    else:
+        gains = [100 * (pretrained[s] - scratch[s]) for s in seeds]
     return {
         "seeds": float(len(seeds)),
         "pretrained_mean": statistics.fmean(pretrained[s] for s in seeds),
         "scratch_mean": statistics.fmean(scratch[s] for s in seeds),
-        "gain_points": statistics.fmean(gains),
-        "gain_min_points": min(gains),
-        "gain_max_points": max(gains),
-        "gain_stdev_points": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+        "gain": statistics.fmean(gains),
+        "gain_min": min(gains),
+        "gain_max": max(gains),
+        "gain_stdev": statistics.stdev(gains) if len(gains) > 1 else 0.0,
     }
 
 
 def comparison_line(task: str, metric: str, result: dict[str, float]) -> str:
     """One line a user reads to judge the pretrained model."""
     n = int(result["seeds"])
-    spread = f", {result['gain_min_points']:+.1f} to {result['gain_max_points']:+.1f} over {n} seeds" if n > 1 else ""
-    return (f"{task}: pretrained {100 * result['pretrained_mean']:.2f}%, from scratch "
-            f"{100 * result['scratch_mean']:.2f}% ({metric}, mean of {n} seed{'s' if n > 1 else ''}): "
-            f"pretraining gains {result['gain_points']:+.1f} points{spread}")
+    mean_of = f"mean of {n} seed{'s' if n > 1 else ''}"
+    if metric == "eval_loss":
+        figures = f"eval loss {result['pretrained_mean']:.4f} pretrained, {result['scratch_mean']:.4f} from scratch"
+        gain = f"pretraining lowers it by {result['gain']:+.4f}"
+        spread = f", {result['gain_min']:+.4f} to {result['gain_max']:+.4f} over {n} seeds"
+    else:
+        figures = (f"pretrained {100 * result['pretrained_mean']:.2f}%, from scratch "
+                   f"{100 * result['scratch_mean']:.2f}% ({metric})")
+        gain = f"pretraining gains {result['gain']:+.1f} points"
+        spread = f", {result['gain_min']:+.1f} to {result['gain_max']:+.1f} over {n} seeds"
+    return f"{task}: {figures}, {mean_of}: {gain}{spread if n > 1 else ''}"

@@ -31,6 +31,7 @@ TASK_TAG = "task"
 KIND_TAG = "kind"
 ARM_TAG = "arm"  # fine-tuning: "pretrained" or "scratch"
 SEED_TAG = "seed"  # fine-tuning: the seed of the head and the batch order
+RESULTS_TAG = "results_dir"  # fine-tuning: the folder this arm and seed wrote (export/, metrics.json)
 STOPPED_TAG = "stopped_by"
 
 # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Values that got there only that way are

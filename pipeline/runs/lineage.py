@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.stages import STAGES, ancestry
-from pipeline.core.tracking import ARM_TAG, SEED_TAG, TASK_TAG
+from pipeline.core.tracking import ARM_TAG, RESULTS_TAG, TASK_TAG
 from pipeline.core.workdir import Workdir
 from pipeline.runs.store import (
     PARENT_TAG,
@@ -125,11 +125,9 @@ def _lineage_of_run(run: Any, store: Store) -> Lineage:
         pretrain = None if scratch else _pretrain_run_of(workdir, store)
         task_name = run.data.tags.get(TASK_TAG, "")
         paths = Workdir(workdir) if workdir else None
-        folder = paths.task(task_name, scratch) if paths else None
-        seeded = paths.task(task_name, scratch, int(run.data.tags[SEED_TAG])) if paths and SEED_TAG in run.data.tags \
-            else None
-        if seeded is not None and seeded.is_dir():
-            folder = seeded  # a later seed of finetune.seeds
+        # The run records the folder it wrote; older runs did not, and wrote <task>[-scratch].
+        folder = Path(run.data.tags[RESULTS_TAG]) if RESULTS_TAG in run.data.tags else (
+            paths.task(task_name, scratch) if paths else None)
         lin.model = {"kind": "finetune", "task": task_name, "arm": "scratch" if scratch else "pretrained",
                      "path": str(folder) if folder else None,
                      "finetuned_from": "random weights" if scratch else (str(paths.export) if paths else None),
@@ -221,9 +219,17 @@ def _lineage_of_path(path: Path, store: Store | None) -> Lineage:
                             "--tracking-uri or MLFLOW_TRACKING_URI")
     run = None
     if task is not None:
-        base = task.removesuffix("-scratch")
-        run = _newest_run(store, [f"tags.{STAGE_TAG} = 'finetune/{base}'", f"tags.{WORKDIR_TAG} = {_quote(workdir)}"])
+        run = _newest_run(store, [f"tags.{RESULTS_TAG} = {_quote(path.parent)}"])
+        if run is None:  # a run from before the results tag: its stage is named after the task
+            base = task.removesuffix("-scratch")
+            run = _newest_run(store, [f"tags.{STAGE_TAG} = 'finetune/{base}'",
+                                      f"tags.{WORKDIR_TAG} = {_quote(workdir)}"])
         lin.model["finetune_run"] = _run_summary(run) if run else None
+        if run is not None:
+            arm = run.data.tags.get(ARM_TAG) or ("scratch" if task.endswith("-scratch") else "pretrained")
+            lin.model["arm"] = arm
+            if arm == "scratch":
+                lin.model["finetuned_from"] = "random weights"
     pretrain = _pretrain_run_of(workdir, store)
     if pretrain is not None:
         lin.model["pretrain_run"] = _run_summary(pretrain)

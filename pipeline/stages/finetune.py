@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import BUILTIN_PREFIX, Config, ConfigError
 from pipeline.core.runner import StageContext
-from pipeline.core.tracking import ARM_TAG, KIND_TAG, SEED_TAG, TASK_TAG, stage_run
+from pipeline.core.tracking import ARM_TAG, KIND_TAG, RESULTS_TAG, SEED_TAG, TASK_TAG, stage_run
 from pipeline.core.workdir import workdir_of
 
 
@@ -137,11 +137,10 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
 
 
 def headline(summary: dict[str, Any]) -> tuple[str, float] | None:
-    """The figure both arms are compared on: accuracy for classification, eval loss (negated) otherwise."""
-    if "eval_accuracy" in summary:
-        return "eval_accuracy", summary["eval_accuracy"]
-    if "eval_loss" in summary:
-        return "eval_loss", -summary["eval_loss"]
+    """The figure the arms are compared on: accuracy for classification, else the eval loss."""
+    for metric in ("eval_accuracy", "eval_loss"):
+        if metric in summary:
+            return metric, summary[metric]
     return None
 
 
@@ -153,14 +152,12 @@ def compare_arms(ctx: StageContext, task: Any, runs: dict[tuple[bool, int], dict
     from training.task_metrics import arm_comparison, comparison_line
 
     scored = {key: headline(s) for key, s in runs.items()}
-    metric = next(iter(scored.values()))[0] if all(scored.values()) else None
-    if metric is None:
+    if not all(scored.values()):
         return {}
+    metric = next(iter(scored.values()))[0]
     by_arm = {scratch: {seed: value for (s, seed), (_, value) in scored.items() if s == scratch}
               for scratch in (False, True)}
-    result = arm_comparison(by_arm[False], by_arm[True])
-    if metric == "eval_loss":  # compared as -loss: turn the means back into losses, the gain stays "better by"
-        result["pretrained_mean"], result["scratch_mean"] = -result["pretrained_mean"], -result["scratch_mean"]
+    result = arm_comparison(by_arm[False], by_arm[True], metric)
     line = comparison_line(task.name, metric, result)
     if ctx.dist.is_main:
         print(f"[finetune] {line}", flush=True)
@@ -170,9 +167,22 @@ def compare_arms(ctx: StageContext, task: Any, runs: dict[tuple[bool, int], dict
                              for (s, seed) in sorted(runs)]})
     if ctx.run is not None:
         mlflow.log_metrics({f"{task.name}.{k}": v for k, v in result.items()}, run_id=ctx.run.info.run_id)
-    return {"gain_points": result["gain_points"], "gain_min_points": result["gain_min_points"],
-            "gain_max_points": result["gain_max_points"], "pretrained_mean": result["pretrained_mean"],
-            "scratch_mean": result["scratch_mean"]}
+    return {k: result[k] for k in ("pretrained_mean", "scratch_mean", "gain", "gain_min", "gain_max")}
+
+
+def check_task_keys(cfg: Config) -> None:
+    """Keys a task's objective would ignore are refused before anything trains."""
+    from training.objectives import objective
+    from training.tasks import task_kind
+
+    for i, task in enumerate(cfg.finetune.tasks):
+        goal = objective(task_kind(task.kind).objective)
+        if task.head_lr is not None and not goal.new_head:
+            raise ConfigError(f"finetune.tasks.{i}.head_lr: task {task.name!r} ({goal.name}) trains no new head; "
+                              "remove the key")
+        if task.pooling != "last" and not goal.pools:  # "last" is the default: a config snapshot writes it back
+            raise ConfigError(f"finetune.tasks.{i}.pooling: task {task.name!r} ({goal.name}) pools nothing; "
+                              "remove the key")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -183,6 +193,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.finetune.tasks:
         return {"tasks": 0, "note": "finetune.tasks is empty: nothing to do"}
+    check_task_keys(cfg)
     dist = init_distributed()
     summaries: dict[str, Any] = {}
     parent_run = ctx.run
@@ -207,7 +218,8 @@ def _tracked_task(ctx: StageContext, task: Any, dist: Any, scratch: bool, seed: 
 
     cfg = ctx.cfg
     arm = "scratch" if scratch else "pretrained"
-    tags = {TASK_TAG: task.name, KIND_TAG: task.kind, ARM_TAG: arm, SEED_TAG: str(seed)}
+    tags = {TASK_TAG: task.name, KIND_TAG: task.kind, ARM_TAG: arm, SEED_TAG: str(seed),
+            RESULTS_TAG: str(result_dir(cfg, task, scratch, seed).resolve())}
     name = f"finetune/{task.name}" + ("/scratch" if scratch and cfg.finetune.vs_scratch else "") + (
         f"/seed{seed}" if cfg.finetune.seeds > 1 else "")
     child = (stage_run(cfg, name, parent_run_id=parent_run.info.run_id, tags=tags)
@@ -228,13 +240,14 @@ def _tracked_task(ctx: StageContext, task: Any, dist: Any, scratch: bool, seed: 
 
 
 def _short(summary: dict[str, Any]) -> dict[str, Any]:
-    """What the closing summary line shows of a task: eval figures and steps, and the gain where compared."""
+    """What the closing summary line shows of a task: eval figures and steps, the gain where compared, else the
+    mean over seeds."""
     if "runs" not in summary:
         return {k: v for k, v in summary.items() if k.startswith("eval_") or k == "steps"}
-    return {k: v for k, v in summary.items() if k != "runs"} or {
-        "runs": len(summary["runs"]), "eval_mean": _mean_eval(summary["runs"])}
-
-
-def _mean_eval(runs: list[dict[str, Any]]) -> float | None:
-    values = [headline(r)[1] for r in runs if headline(r)]
-    return sum(values) / len(values) if values else None
+    compared = {k: v for k, v in summary.items() if k != "runs"}
+    if compared:
+        return compared
+    scored = [headline(r) for r in summary["runs"] if headline(r)]
+    if not scored:
+        return {"runs": len(summary["runs"])}
+    return {"runs": len(summary["runs"]), f"{scored[0][0]}_mean": sum(v for _, v in scored) / len(scored)}
