@@ -62,34 +62,29 @@ def test_head_lr_trains_the_head_at_its_own_rate(tmp_path: Path, pretrained: Pat
     assert head_moved > 2e-3  # the head at 1e-2 in one: Adam moves each weight by about the rate per step
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_pooling_trains_and_exports_with_the_same_logits(tmp_path: Path, pretrained: Path, pooling: str  # noqa: F811
-                                                         ) -> None:
+def test_mean_pooling_trains_and_exports_with_the_same_logits(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
+    """(pooling "last" exports to GPT2ForSequenceClassification with the same logits: tests/test_finetune.py.)"""
     cfg = _config(tmp_path, pretrained, steps=6)
     cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(
-        update={"pooling": pooling, "head_lr": 1e-2, "layer_lr_decay": 0.8, "eval_every": 3})
+        update={"pooling": "mean", "head_lr": 1e-2, "layer_lr_decay": 0.8, "eval_every": 3})
     summary = run_stage(cfg, "finetune", force=True)
     assert 0.0 <= summary["sst2"]["eval_accuracy"] <= 1.0
     folder = tmp_path / "work" / "finetune" / "sst2" / "export"
     model, _, _ = load_classifier(folder)
-    assert model.pooling == pooling
+    assert model.pooling == "mean"
     ids, lengths, mask = _batch(folder)
     with torch.no_grad():
         ours, _ = model(ids, lengths)
     from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification
 
-    if pooling == "last":
-        hf = GPT2ForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
-    else:
-        # transformers has no mean-pooling GPT-2: the export carries its own head class, named in auto_map.
-        assert json.loads((folder / "config.json").read_text())["architectures"] == [
-            "GPT2MeanPoolForSequenceClassification"]
-        hf = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
-                                                                trust_remote_code=True).eval()
-        # Loaded as the last-token class, the folder says its head is missing instead of scoring wrongly.
-        _, info = GPT2ForSequenceClassification.from_pretrained(folder, local_files_only=True,
-                                                                output_loading_info=True)
-        assert "score.weight" in info["missing_keys"]
+    # transformers has no mean-pooling GPT-2: the export carries its own head class, named in auto_map.
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [
+        "GPT2MeanPoolForSequenceClassification"]
+    hf = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
+                                                            trust_remote_code=True).eval()
+    # Loaded as the last-token class, the load report says its head is missing.
+    _, info = GPT2ForSequenceClassification.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    assert "score.weight" in info["missing_keys"]
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask).logits
         unmasked = hf(input_ids=ids).logits  # the pad id tells where each text ends, as in training
@@ -143,12 +138,24 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
         assert child.data.params["task.from_scratch"] == str(child.data.tags["arm"] == "scratch")
     assert parent.data.metrics["sst2.gain"] == pytest.approx(comparison["gain"])
 
-    # Lineage tells the arms apart.
+    # Lineage tells the arms apart, from the run and from each folder.
     scratch_run = next(r for r in children if r.data.tags["arm"] == "scratch")
-    lineage = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", str(config_file), "--lineage",
-                              scratch_run.info.run_id], capture_output=True, text=True, timeout=120, env=cli_env())
-    assert lineage.returncode == 0, lineage.stderr
-    assert "random weights" in lineage.stdout
+    lineage_cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", str(config_file), "--lineage",
+                                  scratch_run.info.run_id], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert lineage_cli.returncode == 0, lineage_cli.stderr
+    assert "random weights" in lineage_cli.stdout
+    from pipeline.runs.lineage import lineage
+    from pipeline.runs.store import open_store
+
+    store = open_store(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}", None)
+    for name, arm, seed in (("sst2", "pretrained", "1337"), ("sst2-scratch", "scratch", "1337"),
+                            ("sst2-seed1338", "pretrained", "1338"), ("sst2-scratch-seed1338", "scratch", "1338")):
+        lin = lineage(str(folder / name / "export"), store)
+        run = client.get_run(lin.model["finetune_run"]["run_id"])
+        assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed), name
+        assert (lin.model.get("finetuned_from") == "random weights") == (arm == "scratch"), name
+        if arm == "scratch":  # by run too: its own folder, not the first seed's
+            assert lineage(run.info.run_id, store).model["path"] == str((folder / name).resolve())
 
 
 def test_vs_scratch_and_from_scratch_together_is_one_clear_error(tmp_path: Path) -> None:
@@ -159,28 +166,6 @@ def test_vs_scratch_and_from_scratch_together_is_one_clear_error(tmp_path: Path)
     task = {"name": "a", "train": "x.tsv", "eval": "y.tsv", "from_scratch": True}
     with pytest.raises(ConfigError, match=r"finetune\.tasks\.0\.from_scratch"):
         load_config(None, [f"workdir={tmp_path}", "finetune.vs_scratch=true", f"finetune.tasks=[{json.dumps(task)}]"])
-
-
-def test_lineage_of_each_arm_and_seed_folder_finds_its_own_run(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
-    from pipeline.runs.lineage import lineage
-    from pipeline.runs.store import open_store
-
-    cfg = _config(tmp_path, pretrained, "finetune.vs_scratch=true", "finetune.seeds=2", steps=2)
-    cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"eval_every": 2})
-    run_stage(cfg, "finetune", force=True)
-    store = open_store(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}", None)
-    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
-    for folder, arm, seed in (("sst2", "pretrained", "1337"), ("sst2-scratch", "scratch", "1337"),
-                              ("sst2-seed1338", "pretrained", "1338"), ("sst2-scratch-seed1338", "scratch", "1338")):
-        lin = lineage(str(tmp_path / "work" / "finetune" / folder / "export"), store)
-        run = client.get_run(lin.model["finetune_run"]["run_id"])
-        assert (run.data.tags["arm"], run.data.tags["seed"]) == (arm, seed), folder
-        assert (lin.model.get("finetuned_from") == "random weights") == (arm == "scratch"), folder
-        by_run = lineage(run.info.run_id, store)
-        if arm == "scratch":  # its own folder, not the first seed's
-            assert by_run.model["path"] == str((tmp_path / "work" / "finetune" / folder).resolve())
-        else:  # started from finetune.init_from: the lineage is that export's
-            assert by_run.model["finetuned_from"] == str(pretrained / "export")
 
 
 def test_keys_an_sft_task_would_ignore_are_refused(tmp_path: Path, pretrained: Path, capsys) -> None:  # noqa: F811
