@@ -45,7 +45,8 @@ def _config(tmp_path: Path, pretrained: Path, *extra: str, steps: int = 30):
     dev = _slice(SST2 / "dev.tsv", tmp_path / "dev.tsv", 120)
     task = {"name": "sst2", "kind": "classification", "train": str(train), "eval": str(dev),
             "text_key": "sentence", "eval_text_key": "content", "label_key": "label",
-            "max_steps": steps, "micro_batch_size": 16, "lr": 3e-3, "eval_every": min(10, steps), "patience": 5}
+            "max_steps": steps, "micro_batch_size": 16, "lr": 3e-3, "eval_every": min(10, steps), "patience": 5,
+            "pooling": "last"}  # GPT2ForSequenceClassification's own pooling: the export parity below
     return load_config(None, [f"workdir={tmp_path / 'work'}", f"finetune.init_from={pretrained / 'export'}",
                               f"finetune.tasks=[{json.dumps(task)}]", "train.precision=fp32", *extra])
 

@@ -47,14 +47,14 @@ def test_lr_ratio_gives_the_head_its_rate_and_decays_by_depth() -> None:
 
 def test_head_lr_trains_the_head_at_its_own_rate(tmp_path: Path, pretrained: Path) -> None:  # noqa: F811
     """Same seed, same start: with a body rate too small to move anything, only head_lr moves the head."""
-    def finetuned(run: str, **extra: float) -> torch.nn.Module:
+    def finetuned(run: str, **extra: float | None) -> torch.nn.Module:
         (tmp_path / run).mkdir()
         cfg = _config(tmp_path / run, pretrained, steps=3)
         cfg.finetune.tasks[0] = cfg.finetune.tasks[0].model_copy(update={"lr": 1e-7, "eval_every": 3, **extra})
         run_stage(cfg, "finetune", force=True)
         return load_classifier(tmp_path / run / "work" / "finetune" / "sst2" / "export")[0]
 
-    one_rate, head_rate = finetuned("one-rate"), finetuned("head-rate", head_lr=1e-2)
+    one_rate, head_rate = finetuned("one-rate", head_lr=None), finetuned("head-rate", head_lr=1e-2)
     body_moved = max((a - b).abs().max().item() for a, b in zip(
         one_rate.gpt.state_dict().values(), head_rate.gpt.state_dict().values(), strict=True))
     head_moved = (one_rate.score.weight - head_rate.score.weight).abs().mean().item()
@@ -173,7 +173,7 @@ def test_keys_an_sft_task_would_ignore_are_refused(tmp_path: Path, pretrained: P
 
     rows = [{"prompt": "q: hi", "response": "a: hello"}] * 4
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for key, value in (("head_lr", 0.01), ("pooling", "mean")):
+    for key, value in (("head_lr", 0.05), ("pooling", "last")):
         task = {"name": "qa", "kind": "sft", "train": str(tmp_path / "qa.jsonl"), "eval": str(tmp_path / "qa.jsonl"),
                 key: value}
         config = tmp_path / "sft.yaml"

@@ -116,16 +116,17 @@ class TaskConfig(Section):
     )
     max_steps: int = Field(500, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
     micro_batch_size: int = Field(32, ge=1, description="Examples per process per step.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate of the pretrained body.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the pretrained body (set by "
+                      "bench/sweep_finetune.py on this project's small models; lower it for large ones).")
     head_lr: float | None = Field(
-        None, gt=0, description="Peak learning rate of the new classification head (null: lr). The head starts "
-        "from random weights while the body is pretrained, so it can take a larger rate.")
+        1e-2, gt=0, description="Peak learning rate of the new classification head (null: lr). The head starts "
+        "from random weights while the body is pretrained, so it takes a larger rate.")
     layer_lr_decay: float = Field(
         1.0, gt=0, le=1, description="Discriminative fine-tuning: block i of n trains at lr x decay^(n-1-i), the "
         "embeddings at lr x decay^n (1: one rate for the whole body).")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of max_steps spent warming the rate up.")
     pooling: Literal["last", "mean"] = Field(
-        "last", description="classification: the head reads the last real token (GPT-1, and what "
+        "mean", description="classification: the head reads the last real token (GPT-1, and what "
         "GPT2ForSequenceClassification does), or the mean over the real tokens (exported with its own head class, "
         "see Fine-tuning).")
     lm_loss_weight: float = Field(0.5, ge=0, description="GPT-1's auxiliary language-modelling loss.")

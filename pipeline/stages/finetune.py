@@ -175,14 +175,15 @@ def check_task_keys(cfg: Config) -> None:
     from training.objectives import objective
     from training.tasks import task_kind
 
+    # A value other than the default was asked for (a config snapshot writes the defaults back, so "set at all"
+    # cannot tell).
+    defaults = {key: field.default for key, field in type(cfg.finetune.tasks[0]).model_fields.items()}
     for i, task in enumerate(cfg.finetune.tasks):
         goal = objective(task_kind(task.kind).objective)
-        if task.head_lr is not None and not goal.new_head:
-            raise ConfigError(f"finetune.tasks.{i}.head_lr: task {task.name!r} ({goal.name}) trains no new head; "
-                              "remove the key")
-        if task.pooling != "last" and not goal.pools:  # "last" is the default: a config snapshot writes it back
-            raise ConfigError(f"finetune.tasks.{i}.pooling: task {task.name!r} ({goal.name}) pools nothing; "
-                              "remove the key")
+        for key, used in (("head_lr", goal.new_head), ("pooling", goal.pools)):
+            if not used and getattr(task, key) not in (None, defaults[key]):
+                what = "trains no new head" if key == "head_lr" else "pools nothing"
+                raise ConfigError(f"finetune.tasks.{i}.{key}: task {task.name!r} ({goal.name}) {what}; remove the key")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
