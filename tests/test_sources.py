@@ -163,6 +163,8 @@ def test_val_bpb_per_source_in_mlflow_and_the_summary_says_the_epochs(run: dict)
     loader = MixedLoader(run["workdir"] / "shards", "train", WEIGHTS, 32, 4, seed=run["cfg"].train.seed)
     loader.consumed_samples = summary["steps"] * 4  # micro_batch_size 4, one rank
     assert summary["epochs"] == loader.epochs_seen() and 0 < summary["epochs"]["zh"] < summary["epochs"]["web"]
+    for name in ("web", "zh"):  # and MLflow says it too
+        assert metrics[f"epochs.{name}"] == pytest.approx(summary["epochs"][name])
 
 
 def test_editing_a_source_reruns_prep_and_new_weights_only_pretraining(run: dict) -> None:

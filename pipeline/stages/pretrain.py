@@ -205,9 +205,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     finally:
         logger.close()
     overhead = logger.overhead(result.train_seconds)
+    epochs = trainer.loader.epochs_seen() if hasattr(trainer.loader, "epochs_seen") else {}  # data.sources only
     if ctx.run is not None:
         mlflow.log_metrics({"tracking_fraction": overhead["tracking_fraction"],
-                            "tokens_per_sec_mean": result.tokens_per_sec}, step=result.step)
+                            "tokens_per_sec_mean": result.tokens_per_sec,
+                            **{f"epochs.{name}": float(n) for name, n in epochs.items()}}, step=result.step)
     if result.reason == "signal":
         # No completion marker: the job is ready to be requeued and resumes from the checkpoint.
         raise StageStopped(f"stopped by signal after step {result.step}; checkpoint "
@@ -235,7 +237,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "checkpoint": str(paths["checkpoints"] / str(result.checkpoint)),
         "export": str(export_dir or paths["export"]),
         "sample": sample_text,
-        **({"epochs": trainer.loader.epochs_seen()} if hasattr(trainer.loader, "epochs_seen") else {}),
+        **({"epochs": epochs} if epochs else {}),
     }
 
 
