@@ -22,10 +22,6 @@ def init_folder(cfg: Config) -> Path:
     return Path(cfg.finetune.init_from) if cfg.finetune.init_from else workdir_of(cfg).export
 
 
-def task_dir(cfg: Config, task: Any, scratch: bool) -> Path:
-    return workdir_of(cfg).task(task.name, scratch)
-
-
 def resolve_builtin_files(cfg: Config, task: Any) -> Any:
     """The task with `builtin:python-docs-kind/{train,eval}` replaced by files written under the workdir."""
     if not (task.train.startswith(BUILTIN_PREFIX) or task.eval.startswith(BUILTIN_PREFIX)):
@@ -199,14 +195,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     parent_run = ctx.run
     for task in cfg.finetune.tasks:
-        runs: dict[tuple[bool, int], dict[str, Any]] = {}
-        for seed in seeds(cfg, task):
-            for scratch in arms(cfg, task):
-                runs[(scratch, seed)] = _tracked_task(ctx, task, dist, scratch, seed, parent_run)
-        first = runs[(arms(cfg, task)[0], seeds(cfg, task)[0])]
-        summaries[task.name] = first if len(runs) == 1 else {
-            "runs": [runs[key] for key in sorted(runs)], **(compare_arms(ctx, task, runs) if len(arms(cfg, task)) > 1
-                                                            else {})}
+        task_arms, task_seeds = arms(cfg, task), seeds(cfg, task)
+        runs = {(scratch, seed): _tracked_task(ctx, task, dist, scratch, seed, parent_run)
+                for seed in task_seeds for scratch in task_arms}
+        if len(runs) == 1:
+            summaries[task.name] = runs[(task_arms[0], task_seeds[0])]
+        else:
+            compared = compare_arms(ctx, task, runs) if len(task_arms) > 1 else {}
+            summaries[task.name] = {"runs": [runs[key] for key in sorted(runs)], **compared}
     if parent_run is not None:
         mlflow.log_text(json.dumps(summaries, indent=2), "finetune_summary.json", run_id=parent_run.info.run_id)
     return {name: _short(s) for name, s in summaries.items()}

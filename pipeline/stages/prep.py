@@ -61,6 +61,11 @@ def sample_reason(removed: Path, step: str) -> str:
     return ""
 
 
+def dropped_by_step(counts: dict[str, Any]) -> dict[str, Any]:
+    """{step: documents dropped} from prep counts (`dropped_<step>` keys)."""
+    return {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_")}
+
+
 def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> None:
     """Fail on an empty result; warn on a suspicious one (few documents kept, one step dropping most)."""
     from dataprep.prep import tuning_keys
@@ -139,7 +144,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     mlflow.log_artifact(str(plan.layout.stats))
     check_outcome(ctx, counts, plan.layout.removed)
 
-    dropped = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_")}
+    dropped = dropped_by_step(counts)
     mb = counts["bytes_in"] / 1e6
     print(f"[prep] {counts['docs_in']} docs ({mb:.1f} MB) in, {counts['docs_out']} out "
           f"({counts['bytes_out'] / 1e6:.1f} MB), {counts['docs_in'] / max(elapsed, 1e-9):.0f} docs/s, "

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from pipeline.core.runner import StageContext
-from pipeline.stages.prep import EmptyOutcome, PrepInputError, check_outcome, resolve_inputs
+from pipeline.stages.prep import EmptyOutcome, PrepInputError, check_outcome, dropped_by_step, resolve_inputs
 
 
 def run_sources(ctx: StageContext) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def run_sources(ctx: StageContext) -> dict[str, Any]:
         "bytes_in": counts["bytes_in"],
         "bytes_out": counts["bytes_out"],
         "sources": {name: {**kept_documents(c),
-                           "dropped": {k.removeprefix("dropped_"): v for k, v in c.items() if k.startswith("dropped_")}}
+                           "dropped": dropped_by_step(c)}
                     for name, c in per_source.items()},
         "output": str(ctx.paths.prep_output),
     }
