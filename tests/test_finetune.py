@@ -169,7 +169,7 @@ def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, 
     history = json.loads((tmp_path / "work" / "finetune" / "sst2-sft" / "metrics.json").read_text())["history"]
     # The answers are one of two words then end-of-text: the loss on them falls from ln(512) = 6.2 nats to
     # below 1 (guessing the word at chance and the rest right is about 0.35 nats per token).
-    assert history[-1]["eval_loss"] < history[0]["eval_loss"] < 1.0 < math.log(512)
+    assert history[-1]["eval_loss"] < 1.0 and history[-1]["eval_loss"] < history[0]["eval_loss"] < math.log(512)
     assert summary["eval_loss"] == min(h["eval_loss"] for h in history)
     from transformers import GPT2LMHeadModel
 

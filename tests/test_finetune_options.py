@@ -219,3 +219,52 @@ def test_the_comparison_line_of_a_loss_scored_task_speaks_of_loss() -> None:
     assert result["gain"] == pytest.approx(0.35) and result["gain_min"] == pytest.approx(0.2)
     line = comparison_line("qa", "eval_loss", result)
     assert "lowers it by +0.3500" in line and "%" not in line and "points" not in line
+
+
+def test_length_grouped_batches_cover_the_epoch_once_and_pad_far_less() -> None:
+    """Each epoch's batches are a partition of the shuffled set (the tail waits), the same for the same seed, and
+    pad to far fewer tokens than random batches of the same set."""
+    import random
+
+    from training.finetune import epoch_batches
+
+    rng = random.Random(0)
+    lengths = [min(64, int(rng.expovariate(1 / 14)) + 1) for _ in range(5_000)]  # SST-2-like: short, long tail
+    grouped = epoch_batches(lengths, 32, seed=7, epoch=0, group_by_length=True)
+    plain = epoch_batches(lengths, 32, seed=7, epoch=0, group_by_length=False)
+    for batches in (grouped, plain):
+        flat = [i for b in batches for i in b]
+        assert all(len(b) == 32 for b in batches) and len(flat) == len(set(flat)) == 5_000 // 32 * 32
+    assert grouped == epoch_batches(lengths, 32, seed=7, epoch=0, group_by_length=True)
+    assert grouped != epoch_batches(lengths, 32, seed=7, epoch=1, group_by_length=True)
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(32 * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.5 * padded(plain)
+    # Shuffled batch order: the first tenth of the epoch is not all short (pools are sorted, the epoch is not).
+    first = [lengths[i] for b in grouped[: len(grouped) // 10] for i in b]
+    assert sum(first) / len(first) > 0.7 * sum(lengths) / len(lengths)
+
+
+def test_the_lm_term_is_the_masked_next_token_loss_of_the_real_tokens() -> None:
+    """Skipping the padding's vocabulary projection changes no figure: the loss equals cross-entropy over every
+    position with the padding masked out, and a batch of one-token texts adds nothing (not NaN)."""
+    import torch.nn.functional as F
+
+    from training.classifier import GPTClassifier
+    from training.model import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPTClassifier(GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=16), 2, "mean")
+    ids = torch.randint(0, 50, (3, 9))
+    lengths = torch.tensor([9, 4, 1])
+    labels = torch.tensor([0, 1, 1])
+    logits, loss = model(ids, lengths, labels, lm_weight=0.5)
+    hidden = model.gpt.hidden_states(ids)
+    positions = torch.arange(8)
+    targets = ids[:, 1:].masked_fill(positions[None, :] >= (lengths[:, None] - 1), -100)
+    lm = F.cross_entropy(model.gpt.lm_head(hidden[:, :-1]).reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(logits, labels) + 0.5 * lm), rel=1e-5)
+    _, single = model(ids[:, :1], torch.ones(3, dtype=torch.long), labels, lm_weight=0.5)
+    assert torch.isfinite(single)

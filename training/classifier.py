@@ -59,11 +59,13 @@ class GPTClassifier(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float(), labels)
         if lm_weight > 0:
+            # Next-token loss on the real tokens only; the vocabulary projection of the padding is skipped, not
+            # computed and masked (it is most of the LM term's cost when rows differ in length).
             positions = torch.arange(idx.size(1) - 1, device=idx.device)
-            targets = idx[:, 1:].masked_fill(positions[None, :] >= (lengths[:, None] - 1), -100)
-            lm_logits = self.gpt.lm_head(hidden[:, :-1])
-            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.size(-1)).float(), targets.reshape(-1),
-                                      ignore_index=-100)
+            real = positions[None, :] < (lengths[:, None] - 1)
+            lm_logits = self.gpt.lm_head(hidden[:, :-1][real]).float()
+            # A batch of one-token texts has nothing to predict; its zero keeps lm_head in the graph on every rank.
+            lm_loss = F.cross_entropy(lm_logits, idx[:, 1:][real]) if lm_logits.size(0) else lm_logits.sum()
             loss = loss + lm_weight * lm_loss
         return logits, loss
 
