@@ -268,3 +268,22 @@ def test_the_lm_term_is_the_masked_next_token_loss_of_the_real_tokens() -> None:
     assert float(loss) == pytest.approx(float(F.cross_entropy(logits, labels) + 0.5 * lm), rel=1e-5)
     _, single = model(ids[:, :1], torch.ones(3, dtype=torch.long), labels, lm_weight=0.5)
     assert torch.isfinite(single)
+
+
+def test_a_task_smaller_than_one_batch_is_one_clear_error() -> None:
+    """Fewer examples than one global batch used to loop forever looking for a full batch."""
+    from types import SimpleNamespace
+
+    from training.engine import Dist
+    from training.finetune import Finetuner
+    from training.objectives import Encoded, Prepared
+    from training.tasks import TaskDataError
+
+    task = TaskConfig(name="t", train="few.tsv", eval="b.tsv", micro_batch_size=4)
+    rows = Encoded(ids=[[1, 2]] * 7, targets=[0] * 7)
+    eng = SimpleNamespace(dist=Dist(rank=0, world_size=2, local_rank=0, device="cpu"))
+    with pytest.raises(TaskDataError, match=r"few.tsv: 7 training examples, fewer than one batch of 8 .*"
+                                            r"finetune.tasks\[\].micro_batch_size"):
+        Finetuner(None, eng, task, Prepared(train=rows, evaluation=rows), 0, None, seed=1)
+    Finetuner(None, eng, task.model_copy(update={"micro_batch_size": 3}), Prepared(train=rows, evaluation=rows),
+              0, None, seed=1)

@@ -120,6 +120,14 @@ class Finetuner:
         self.log = log or (lambda metrics, step: None)
         self.progress = progress
         self.device = eng.dist.device
+        batch = task.micro_batch_size * eng.dist.world_size
+        if len(self.train.ids) < batch:  # no full batch: the batch stream would never yield
+            from training.tasks import TaskDataError
+
+            raise TaskDataError(
+                f"{task.train}: {len(self.train.ids)} training examples, fewer than one batch of {batch} "
+                f"({task.micro_batch_size} per process x {eng.dist.world_size}); lower "
+                "finetune.tasks[].micro_batch_size or add examples")
 
     def _forward(self, rows: list[list[int]], targets: list[Any], lm_weight: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
