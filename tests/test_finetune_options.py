@@ -246,6 +246,12 @@ def test_length_grouped_batches_cover_the_epoch_once_and_pad_far_less() -> None:
     first = [lengths[i] for b in grouped[: len(grouped) // 10] for i in b]
     assert sum(first) / len(first) > 0.7 * sum(lengths) / len(lengths)
 
+    # The tail that fills no batch is a random handful, not the longest texts: on a set smaller than one pool,
+    # every example is trained on within a few epochs.
+    small = list(range(100))  # 100 examples, lengths 0..99: 3 batches of 32 and a tail of 4 each epoch
+    seen = {i for epoch in range(20) for b in epoch_batches(small, 32, 7, epoch, True) for i in b}
+    assert seen == set(range(100))
+
 
 def test_the_lm_term_is_the_masked_next_token_loss_of_the_real_tokens() -> None:
     """Skipping the padding's vocabulary projection changes no figure: the loss equals cross-entropy over every

@@ -54,15 +54,18 @@ def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int, group_b
     Grouped by length, the shuffled epoch is cut into pools of `pool` batches, each pool sorted by length and cut
     into batches, and the batches shuffled again: the rows of a batch have similar lengths, so little of it is
     padding (a random batch of SST-2 pads to 3.3x its mean length), while each batch still comes from anywhere in
-    the set. The tail that fills no batch waits for the next epoch's shuffle, as without grouping.
+    the set. The tail that fills no batch is cut from the shuffled order before sorting, so it is a random handful
+    that the next epoch's shuffle brings back, as without grouping (cut after sorting, it would always be the
+    longest texts).
     """
     order = batch_order(len(lengths), seed, epoch)
+    order = order[: len(order) // batch * batch]
     if not group_by_length:
-        return [order[s:s + batch] for s in range(0, len(order) - batch + 1, batch)]
+        return [order[s:s + batch] for s in range(0, len(order), batch)]
     batches: list[list[int]] = []
     for start in range(0, len(order), batch * pool):
         chunk = sorted(order[start:start + batch * pool], key=lengths.__getitem__)
-        batches += [chunk[s:s + batch] for s in range(0, len(chunk) - batch + 1, batch)]
+        batches += [chunk[s:s + batch] for s in range(0, len(chunk), batch)]
     random.Random(seed * 1_000_003 + epoch + 500_009).shuffle(batches)
     return batches
 
