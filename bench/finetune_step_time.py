@@ -17,12 +17,21 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.finetune import BENCHES, emit, overrides_for  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+
+
+def train_on(finetuner: Any, batches: list) -> None:
+    """Optimizer steps on the given micro-batches, as Finetuner.run takes them (no evaluation)."""
+    for rows, targets in batches:
+        _, loss = finetuner._forward(rows, targets, finetuner.task.lm_loss_weight)
+        finetuner.eng.engine.backward(loss)
+        finetuner.eng.engine.step()
 
 
 def main() -> int:
@@ -33,11 +42,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from pipeline.stages.finetune import _base_model, _tokenizer, init_folder
-    from training.engine import build_engine, init_distributed
-    from training.finetune import Finetuner, task_lr_ratio, task_train_config
-    from training.objectives import objective
-    from training.tasks import task_kind
+    from pipeline.stages.finetune import build_task_run, init_folder
+    from training.engine import init_distributed
+    from training.finetune import Finetuner
 
     dist = init_distributed()
     for name in args.tasks.split(","):
@@ -45,40 +52,25 @@ def main() -> int:
         workdir = args.root / name
         cfg = load_config(None, [*overrides_for(bench, workdir, []),
                                  f"finetune.tasks=[{json.dumps(bench.task(), ensure_ascii=False)}]"])
-        init = init_folder(cfg)
-        if not (init / "config.json").is_file():
-            print(f"{init}: no pretrained export; run bench/finetune.py --tasks {name} --pretrain-only first")
+        if not (init_folder(cfg) / "config.json").is_file():
+            print(f"{init_folder(cfg)}: no pretrained export; run bench/finetune.py --tasks {name} --pretrain-only")
             return 2
-        task = cfg.finetune.tasks[0]
-        tokenizer = _tokenizer(cfg, init)
-        eot = tokenizer.token_to_id(cfg.tokenizer.eot_token)
-        goal = objective(task_kind(task.kind).objective)
-        train, evaluation = task_kind(task.kind)().load(task)
-        gpt, gpt_config = _base_model(cfg, init, False, tokenizer.get_vocab_size())
-        prepared = goal.prepare(tokenizer, train, evaluation, task, gpt_config.block_size, eot)
-        model = goal.model(gpt, gpt_config, prepared)
-        eng = build_engine(model, task_train_config(cfg.train, task), dist,
-                           lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
+        run = build_task_run(cfg, cfg.finetune.tasks[0], dist, scratch=False, seed=1337)
+        task, eng = run.task, run.finetuner.eng
         timings: dict[bool, list[float]] = {True: [], False: []}
         tokens: dict[bool, tuple[float, float]] = {}
         for _ in range(args.rounds):
             for grouped in (True, False):
-                side = Finetuner(model, eng, task.model_copy(update={"group_by_length": grouped}), prepared,
-                                 pad_id=eot, objective=goal, seed=1337)
+                side = Finetuner(run.finetuner.model, eng, task.model_copy(update={"group_by_length": grouped}),
+                                 run.prepared, pad_id=run.eot, objective=run.goal, seed=1337)
                 batches = side._micro_batches()
                 drawn = [next(batches) for _ in range(args.steps + 2)]
                 real = statistics.fmean(sum(map(len, rows)) for rows, _ in drawn)
                 padded = statistics.fmean(len(rows) * max(map(len, rows)) for rows, _ in drawn)
                 tokens[grouped] = (real, padded)
-                for rows, targets in drawn[:2]:  # warm-up steps, not timed
-                    _, loss = side._forward(rows, targets, task.lm_loss_weight)
-                    eng.engine.backward(loss)
-                    eng.engine.step()
+                train_on(side, drawn[:2])  # warm-up steps, not timed
                 started = time.perf_counter()
-                for rows, targets in drawn[2:]:
-                    _, loss = side._forward(rows, targets, task.lm_loss_weight)
-                    eng.engine.backward(loss)
-                    eng.engine.step()
+                train_on(side, drawn[2:])
                 timings[grouped].append(1000 * (time.perf_counter() - started) / args.steps)
         grouped_ms, plain_ms = statistics.median(timings[True]), statistics.median(timings[False])
         emit(figure=f"{name}_finetune_ms_per_step", grouped=round(grouped_ms, 1), plain=round(plain_ms, 1),

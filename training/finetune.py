@@ -21,6 +21,7 @@ import torch
 from training.config import TaskConfig, TrainConfig
 from training.objectives import EvalTally, Objective, Prepared
 from training.schedule import lr_at
+from training.tasks import TaskDataError
 
 
 @dataclass
@@ -125,8 +126,6 @@ class Finetuner:
         self.device = eng.dist.device
         batch = task.micro_batch_size * eng.dist.world_size
         if len(self.train.ids) < batch:  # no full batch: the batch stream would never yield
-            from training.tasks import TaskDataError
-
             raise TaskDataError(
                 f"{task.train}: {len(self.train.ids)} training examples, fewer than one batch of {batch} "
                 f"({task.micro_batch_size} per process x {eng.dist.world_size}); lower "

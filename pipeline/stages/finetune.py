@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,30 @@ def result_dir(cfg: Config, task: Any, scratch: bool, seed: int) -> Path:
     return workdir_of(cfg).task(task.name, scratch, None if seed == first else seed)
 
 
-def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bool, seed: int) -> dict[str, Any]:
+@dataclass
+class TaskRun:
+    """One arm and seed of a task, ready to train: what the stage (and bench/finetune_step_time.py) works with."""
+
+    task: Any  # with built-in files resolved
+    init: Path
+    goal: Any  # the task's training.objectives.Objective
+    prepared: Any
+    gpt_config: Any
+    eot: int
+    finetuner: Any  # training.finetune.Finetuner
+    examples: tuple[int, int]  # train, eval
+
+
+def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, log: Any = None,
+                   progress: Any = None) -> TaskRun:
+    """The task's data, model and DeepSpeed engine for one arm and seed."""
     import torch
 
     from training.engine import build_engine
-    from training.finetune import Finetuner, task_lr_ratio, task_train_config, write_json
+    from training.finetune import Finetuner, task_lr_ratio, task_train_config
     from training.objectives import objective
-    from training.progress import Progress
     from training.tasks import task_kind
 
-    cfg = ctx.cfg
     init = init_folder(cfg)
     tokenizer = _tokenizer(cfg, init)
     eot = tokenizer.token_to_id(cfg.tokenizer.eot_token)
@@ -115,13 +130,25 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
     model = goal.model(gpt, gpt_config, prepared)
     eng = build_engine(model, task_train_config(cfg.train, task), dist,
                        lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
+    finetuner = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
+                          progress=progress)
+    return TaskRun(task, init, goal, prepared, gpt_config, eot, finetuner, (len(train_ex), len(eval_ex)))
+
+
+def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bool, seed: int) -> dict[str, Any]:
+    from training.finetune import write_json
+    from training.progress import Progress
+
+    cfg = ctx.cfg
     label = f"finetune {task.name}{' (from scratch)' if scratch else ''}" + (
         f" seed {seed}" if cfg.finetune.seeds > 1 else "")
     progress = Progress(label, task.max_steps, enabled=dist.is_main)
-    result = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
-                       progress=progress).run()
+    built = build_task_run(cfg, task, dist, scratch, seed, log, progress)
+    task, init, goal, prepared, gpt_config, eot = (built.task, built.init, built.goal, built.prepared,
+                                                   built.gpt_config, built.eot)
+    result = built.finetuner.run()
     out = result_dir(cfg, task, scratch, seed)
-    summary = {**result.metrics, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+    summary = {**result.metrics, "train_examples": built.examples[0], "eval_examples": built.examples[1],
                "from_scratch": scratch, "seed": seed}
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
