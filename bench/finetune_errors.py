@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/finetune_errors.py [--tasks shop] [--root runs/bench-finetune] [--show 20]
 
-Reads the exports that bench/finetune.py left in <root>/<task>/finetune (the first seed of both
-arms), scores the dev split with each and with TF-IDF + logistic regression, and prints:
+Reads the exports that the last bench/finetune.py (or sweep) run left in <root>/<task>/finetune
+(its first seed, both arms), scores the dev split with each and with TF-IDF + logistic regression, and prints:
 - each model's dev error rate;
 - the rows all three get wrong: their label is most likely wrong or the text says both things, so
   this rate is a rough floor that no model of this kind gets under;
@@ -38,14 +38,15 @@ def main() -> int:
         dev = read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
         gold = [str(e.label) for e in dev]
         texts = [e.text for e in dev]
-        answers: dict[str, list[str]] = {"tfidf": [str(p) for p in tfidf_predictions(bench)]}
-        for arm, folder in (("pretrained", name), ("scratch", f"{name}-scratch")):
-            export = args.root / name / "finetune" / folder / "export"
+        exports = {arm: args.root / name / "finetune" / folder / "export"
+                   for arm, folder in (("pretrained", name), ("scratch", f"{name}-scratch"))}
+        for export in exports.values():
             if not export.is_dir():
                 print(f"error: {export} not found: run bench/finetune.py --tasks {name} --root {args.root} first",
                       file=sys.stderr)
                 return 2
-            answers[arm] = [str(r["label"]) for r in predict(export, texts)]
+        answers = {"tfidf": [str(p) for p in tfidf_predictions(bench)]}
+        answers.update({arm: [str(r["label"]) for r in predict(export, texts)] for arm, export in exports.items()})
         wrong = {model: {i for i, (a, g) in enumerate(zip(labels, gold, strict=True)) if a != g}
                  for model, labels in answers.items()}
         for model, rows in wrong.items():
