@@ -40,6 +40,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "short-grouped": {**SHORT, "group_by_length": True},  # what grouping alone does at 500 steps
     "low-lr": {"lr": 3e-4, "head_lr": 3e-3},  # the defaults' budget at a third of their rates
     "no-lm-loss": {"lm_loss_weight": 0.0},  # the defaults without the auxiliary LM term
+    "layer-decay": {"layer_lr_decay": 0.8},  # the defaults, each block's rate 0.8x the one above it
 }
 
 
