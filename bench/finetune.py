@@ -124,13 +124,16 @@ def write_task_text(bench: Bench, path: Path, per_doc: int = 50) -> int:
     return len(texts)
 
 
-def tfidf_predictions(bench: Bench) -> list[Any]:
-    """TF-IDF + logistic regression fitted on train: its label for each dev row, in order."""
+def read_dev(bench: Bench) -> list[Any]:
+    return read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
+
+
+def tfidf_predictions(bench: Bench, dev: list[Any]) -> list[Any]:
+    """TF-IDF + logistic regression fitted on train: its label for each of the `dev` examples, in order."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     train = read_classification(bench.folder / "train.tsv", bench.text_key, "label")
-    dev = read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
     options = dict(bench.tfidf)
     strength = options.pop("C", 1.0)
     vec = TfidfVectorizer(**options)
@@ -140,8 +143,8 @@ def tfidf_predictions(bench: Bench) -> list[Any]:
 
 
 def tfidf_baseline(bench: Bench) -> float:
-    dev = read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
-    pred = tfidf_predictions(bench)
+    dev = read_dev(bench)
+    pred = tfidf_predictions(bench, dev)
     return sum(p == e.label for p, e in zip(pred, dev, strict=True)) / len(dev)
 
 

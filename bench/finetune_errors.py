@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.finetune import BENCHES, emit, tfidf_predictions  # noqa: E402
+from bench.finetune import BENCHES, emit, read_dev, tfidf_predictions  # noqa: E402
 from pipeline.commands.predict import predict  # noqa: E402
-from training.tasks import read_classification  # noqa: E402
+from pipeline.core.workdir import Workdir  # noqa: E402
 
 
 def main() -> int:
@@ -35,17 +35,17 @@ def main() -> int:
     args = parser.parse_args()
     for name in args.tasks.split(","):
         bench = BENCHES[name]
-        dev = read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
+        dev = read_dev(bench)
         gold = [str(e.label) for e in dev]
         texts = [e.text for e in dev]
-        exports = {arm: args.root / name / "finetune" / folder / "export"
-                   for arm, folder in (("pretrained", name), ("scratch", f"{name}-scratch"))}
+        results = Workdir(args.root / name)
+        exports = {arm: results.task(name, scratch=arm == "scratch") / "export" for arm in ("pretrained", "scratch")}
         for export in exports.values():
             if not export.is_dir():
                 print(f"error: {export} not found: run bench/finetune.py --tasks {name} --root {args.root} first",
                       file=sys.stderr)
                 return 2
-        answers = {"tfidf": [str(p) for p in tfidf_predictions(bench)]}
+        answers = {"tfidf": [str(p) for p in tfidf_predictions(bench, dev)]}
         answers.update({arm: [str(r["label"]) for r in predict(export, texts)] for arm, export in exports.items()})
         wrong = {model: {i for i, (a, g) in enumerate(zip(labels, gold, strict=True)) if a != g}
                  for model, labels in answers.items()}

@@ -52,8 +52,9 @@ def main() -> int:
         workdir = args.root / name
         cfg = load_config(None, [*overrides_for(bench, workdir, []),
                                  f"finetune.tasks=[{json.dumps(bench.task(), ensure_ascii=False)}]"])
-        if not (init_folder(cfg) / "config.json").is_file():
-            print(f"{init_folder(cfg)}: no pretrained export; run bench/finetune.py --tasks {name} --pretrain-only")
+        init = init_folder(cfg)
+        if not (init / "config.json").is_file():
+            print(f"{init}: no pretrained export; run bench/finetune.py --tasks {name} --pretrain-only")
             return 2
         run = build_task_run(cfg, cfg.finetune.tasks[0], dist, scratch=False, seed=1337)
         task, eng = run.task, run.finetuner.eng
