@@ -102,6 +102,21 @@ def test_changed_added_and_removed_inputs_rerun_prep_and_what_follows(tmp_path: 
     assert stats["docs_in"] == 7 + 3 and sorted(Path(p).name for p in stats["inputs"]) == ["a.jsonl", "c.jsonl"]
 
 
+def test_an_input_moved_to_another_folder_is_named_by_its_paths(tmp_path: Path, capsys) -> None:
+    """Same file name, new folder: "added (a.jsonl); removed (a.jsonl)" would say nothing, so the paths show."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    write_jsonl(old / "a.jsonl", speeches(6), "a")
+    write_jsonl(new / "a.jsonl", speeches(7), "a")
+    assert main(["prep", str(data_config(tmp_path, [str(old / "a.jsonl")]))]) == 0
+    capsys.readouterr()
+    assert main(["prep", str(data_config(tmp_path, [str(new / "a.jsonl")]))]) == 0
+    out = capsys.readouterr().out
+    assert f"1 input file added since the last run ({new / 'a.jsonl'})" in out
+    assert f"1 input file removed since the last run ({old / 'a.jsonl'})" in out
+
+
 # ---------------------------------------------------------------- empty and suspicious outcomes
 
 

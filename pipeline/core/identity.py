@@ -165,10 +165,13 @@ def explain(old: dict[str, Any] | None, new: Identity, sections: tuple[str, ...]
     added = [p for p in new_inputs if p not in old_inputs]
     removed = [p for p in old_inputs if p not in new_inputs]
     edited = [p for p in new_inputs if p in old_inputs and _file_key(old_inputs[p]) != _file_key(new_inputs[p])]
+    # A file moved to another folder is "added" and "removed" under one name: those two show their paths.
+    moved = {Path(n).name for n in added} & {Path(n).name for n in removed}
     for count, what, names in ((len(added), "added", added), (len(removed), "removed", removed),
                                (len(edited), "changed", edited)):
         if count:
-            shown = ", ".join(Path(n).name for n in names[:3]) + (", ..." if count > 3 else "")
+            labels = [n if Path(n).name in moved else Path(n).name for n in names[:3]]
+            shown = ", ".join(labels) + (", ..." if count > 3 else "")
             reasons.append(f"{count} input file{'s' if count > 1 else ''} {what} since the last run ({shown})")
     for up, digest in new.parts["upstream"].items():
         if (before.get("upstream") or {}).get(up) != digest:
