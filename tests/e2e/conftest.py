@@ -14,13 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testbed_lock import SESSION_LOCK
 
 REPO = Path(__file__).resolve().parents[2]
 TESTBED = REPO / "slurm" / "testbed" / "testbed.sh"
@@ -28,7 +28,6 @@ TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontro
 # Daemons live in sbin, which is not always on a test runner's PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 NODES = 2
-SESSION_LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "scratchgpt-testbed.lock"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
