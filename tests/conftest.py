@@ -44,8 +44,8 @@ def _stop_workers_then_self(signum: int, frame: object) -> None:
     for pid in _children():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # tests/e2e/conftest.py turns it into KeyboardInterrupt, then tears down
-    # The workers then wait on this process, so wait for the test bed's lock, not for them to end.
-    time.sleep(1)
+    # The workers then wait on this process, so wait for the test bed's lock (held from before `up` until after
+    # `down`), not for them to end.
     deadline = time.monotonic() + WORKER_TEARDOWN_S
     while time.monotonic() < deadline and testbed_in_use():
         time.sleep(0.5)
