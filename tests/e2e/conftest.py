@@ -6,8 +6,6 @@ The cluster is torn down in a `finally`, also when a test fails or is interrupte
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testbed_lock import SESSION_LOCK
+from testbed_lock import exclusive_testbed
 
 REPO = Path(__file__).resolve().parents[2]
 TESTBED = REPO / "slurm" / "testbed" / "testbed.sh"
@@ -67,26 +65,6 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
-@contextlib.contextmanager
-def _exclusive_testbed(timeout: float = 600) -> Iterator[None]:
-    """There is one test bed per machine: a second test session waits here instead of tearing
-    down the cluster under the first one."""
-    with open(SESSION_LOCK, "w") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another test session held the Slurm test bed ({SESSION_LOCK}) for {timeout:.0f}s")
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _testbed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(TESTBED), *args],
@@ -114,7 +92,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "PATH")}
     # A CI timeout sends SIGTERM, which would end pytest without running the `finally` below.
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
-    with _exclusive_testbed():
+    with exclusive_testbed():
         try:
             start = time.monotonic()
             up = _testbed("up", "-n", str(NODES))
