@@ -246,3 +246,20 @@ def test_cli_prints_the_environment_as_json() -> None:
         [sys.executable, "-m", "training.launch"], env={**env, "SLURM_PROCID": "9"}, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "SLURM_PROCID=9" in bad.stderr
+
+
+def test_a_lone_process_binds_no_port() -> None:
+    """Two one-process runs at once on one machine must not collide: a lone process's group needs no rendezvous,
+    so it starts even when the MASTER_PORT its shell exports is taken (here, by this test)."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    code = ("import torch; from training.engine import init_distributed; d = init_distributed(); "
+            "t = torch.ones(1); torch.distributed.all_reduce(t); print(d.world_size, int(t.item()))")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env["MASTER_PORT"] = str(taken.getsockname()[1])
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["1", "1"]

@@ -49,8 +49,10 @@ def init_distributed() -> Dist:
     rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     defaults = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    if world_size == 1 and "MASTER_PORT" not in os.environ:
-        defaults["MASTER_PORT"] = str(_free_port())  # two single-process runs on one machine must not collide
+    if world_size == 1:
+        # A lone process meets nobody: its group lives in an in-memory store (below), with no port that two
+        # runs on one machine could both want.
+        defaults = {key: defaults[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     added = [key for key in defaults if key not in os.environ]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -67,11 +69,14 @@ def init_distributed() -> Dist:
     if not cuda:
         _skip_shm_comm_build()
     if not torch.distributed.is_initialized():
+        if world_size == 1:
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
     if world_size == 1:
-        # The defaults made up for a lone process must not leak into processes it starts (a child would try to
-        # bind this process's MASTER_PORT). DeepSpeed reads LOCAL_RANK later, so that one stays.
+        # The defaults made up for a lone process must not leak into processes it starts (a child would take them
+        # for its own). DeepSpeed reads LOCAL_RANK later, so that one stays.
         for key in added:
             if key != "LOCAL_RANK":
                 os.environ.pop(key, None)
@@ -80,14 +85,6 @@ def init_distributed() -> Dist:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _skip_shm_comm_build() -> None:
