@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from train_helpers import TINY, build_workdir, copy_inputs
 
+from pipeline.cli import leave_process_group
 from pipeline.config import ConfigError, load_config
 from pipeline.stages.pretrain import build
 from training import checkpoint, elastic
@@ -56,8 +57,9 @@ def _stop_at(trainer, step: int) -> None:
 
 def _worker(rank: int, world: int, port: int, workdir: str, overrides: list[str], stop_after: int,
             out: str) -> None:
+    # Both ranks join the store the parent holds, as torchrun's workers join their agent's.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     trainer = build(elastic_config(Path(workdir), *overrides)).trainer
     tag = trainer.resume()
     if stop_after and rank == 0:  # one rank's signal stops all: the flag rides on the loss all-reduce
@@ -67,14 +69,16 @@ def _worker(rank: int, world: int, port: int, workdir: str, overrides: list[str]
         Path(out).write_text(json.dumps({"losses": result.losses, "step": result.step, "reason": result.reason,
                                          "resumed": tag, "how": trainer.resumed_how,
                                          "grad_accum": trainer.train_cfg.grad_accum}))
-    torch.distributed.destroy_process_group()
+    leave_process_group(0)  # together, as the CLI does: a rank that leaves first can abort the other
 
 
 def two_processes(workdir: Path, *overrides: str, stop_after: int = 0) -> dict:
-    """Train (or resume) in a real 2-process gloo group; rank 0's result."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """Train (or resume) in a real 2-process gloo group; rank 0's result.
+
+    This process binds the group's store before the ranks start: a port picked here and released could be taken
+    by the other test worker before rank 0 bound it."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     out = workdir.parent / f"{workdir.name}-{os.urandom(4).hex()}.json"
     mp.start_processes(_worker, args=(2, port, str(workdir), list(overrides), stop_after, str(out)), nprocs=2,
                        start_method="spawn")
