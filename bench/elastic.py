@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,11 +67,8 @@ def main() -> None:
     cfg = load_config(config)
     for name in ("prep", "tokenizer", "shard"):
         run_stage(cfg, name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}",
+    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
                     "-m", "pipeline.cli", "pretrain", str(config)], check=True, stdout=subprocess.DEVNULL)
     train_s = time.perf_counter() - started
     ckpt = Path(cfg.workdir) / "pretrain" / "checkpoints"

@@ -133,11 +133,9 @@ def test_a_checkpoint_engine_not_made_safe_is_refused(trained: Path, tmp_path: P
 @pytest.mark.slow
 def test_two_ranks_agree_on_the_intact_checkpoint_to_resume_from(base: Path, tmp_path: Path) -> None:
     """Rank 0 checks the hashes and decides for both (a broadcast): rank 1's own file is the damaged one."""
-    import socket
     import subprocess
-    import sys
 
-    from train_helpers import TINY, cli_env, write_yaml
+    from train_helpers import TINY, cli_env, torchrun_cli, write_yaml
 
     workdir = tmp_path / "two"
     copy_inputs(base, workdir)
@@ -146,12 +144,8 @@ def test_two_ranks_agree_on_the_intact_checkpoint_to_resume_from(base: Path, tmp
                                                 "train.checkpoint_every=2", "train.eval_every=100"])
 
     def torchrun() -> subprocess.CompletedProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
-                               f"--master_port={port}", "-m", "pipeline.cli", "pretrain", str(config)],
-                              capture_output=True, text=True, timeout=300, env=cli_env())
+        return subprocess.run(torchrun_cli("pretrain", str(config)), capture_output=True, text=True, timeout=300,
+                              env=cli_env())
 
     first = torchrun()
     assert first.returncode == 0, first.stderr[-3000:]

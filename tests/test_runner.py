@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_helpers import SHAKESPEARE, TINY, build_workdir, cli_env, copy_inputs, write_yaml
+from train_helpers import SHAKESPEARE, TINY, build_workdir, cli_env, copy_inputs, torchrun_cli, write_yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -279,12 +279,8 @@ def test_an_error_under_torchrun_is_one_line_from_rank_0(trained: Path, tmp_path
     workdir = tmp_path / "w"
     config = pretrain_config(trained, workdir)
     break_manifest(workdir)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m", "pipeline.cli",
-           "pretrain", str(config)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=cli_env())
+    out = subprocess.run(torchrun_cli("pretrain", str(config)), capture_output=True, text=True, timeout=240,
+                         env=cli_env())
     assert out.returncode != 0
     ours = [ln for ln in out.stderr.splitlines() if ln.startswith("scratchgpt pretrain:")]
     assert len(ours) == 1 and "is missing" in ours[0], out.stderr[-3000:]

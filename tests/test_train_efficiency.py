@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import TINY, build_workdir, cli_env, copy_inputs, tiny_config, write_yaml
+from train_helpers import TINY, build_workdir, cli_env, copy_inputs, tiny_config, torchrun_cli, write_yaml
 
 from pipeline.config import load_config
 from pipeline.core.identity import compute
@@ -217,14 +216,8 @@ def test_compile_gives_the_eager_losses(base: Path, tmp_path: Path) -> None:
 
 
 def _torchrun(config: Path) -> subprocess.CompletedProcess:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
-           "pipeline.cli", "pretrain", str(config)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env())
+    return subprocess.run(torchrun_cli("pretrain", str(config)), capture_output=True, text=True, timeout=300,
+                          env=cli_env())
 
 
 @pytest.mark.slow

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import TINY, build_workdir, cli_env, copy_inputs, write_yaml
+from train_helpers import TINY, build_workdir, cli_env, copy_inputs, torchrun_cli, write_yaml
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -33,12 +32,6 @@ def write_config(base: Path, workdir: Path, *overrides: str) -> Path:
 def scratchgpt(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "scratchgpt"), *args], capture_output=True, text=True, timeout=timeout,
                           env=cli_env())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlflow_run(workdir: Path):
@@ -123,9 +116,8 @@ def test_export_command_writes_a_folder_transformers_loads(one_process_run: Path
 def test_two_processes_under_torchrun_match_one(base: Path, one_process_run: Path, tmp_path: Path) -> None:
     two = tmp_path / "two"
     cfg_two = write_config(base, two, "train.grad_accum=1")  # same global batch: 2 ranks x 4 vs 1 rank x 4 x 2
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "pipeline.cli",
-           "pretrain", str(cfg_two)]
-    dist = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=cli_env())
+    dist = subprocess.run(torchrun_cli("pretrain", str(cfg_two)), capture_output=True, text=True, timeout=240,
+                          env=cli_env())
     assert dist.returncode == 0, dist.stderr[-3000:]
     client, run = mlflow_run(one_process_run)
     client_two, run_two = mlflow_run(two)

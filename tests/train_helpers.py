@@ -80,6 +80,15 @@ def write_yaml(path: Path, overrides: list[str]) -> Path:
     return path
 
 
+def torchrun_cli(*args: str) -> list[str]:
+    """`torchrun` with 2 processes on `scratchgpt ARGS`. `--standalone` binds the rendezvous store to a free port
+    itself: a port picked by the test and released could be taken by the other test worker before torchrun binds it."""
+    import sys
+
+    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli",
+            *args]
+
+
 def cli_env() -> dict[str, str]:
     """This environment without rank variables or an MLflow URI, so a command uses its own workdir's store.
 
