@@ -30,50 +30,67 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
+def _start_server(root: Path, log_path: Path) -> tuple[subprocess.Popen, str] | None:
+    """Start `mlflow server` on a free port and wait for /health; None when another process took the port first
+    (it is picked here and bound by the server seconds later)."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     assert mlflow_bin.is_file(), f"{mlflow_bin} is missing: install the project into its venv (./setup.sh)"
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
     # No job runner: the server then starts one process fewer, and these tests need none.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
-    )
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-3000:]
+            if "address already in use" in tail.lower():
+                return None
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"mlflow server not up after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    # The server runs uvicorn in a child process: stop the whole session this test started.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                tail = (root / "server.log").read_text()[-3000:]
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up after {START_TIMEOUT_S} s:\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    for _ in range(3):
+        started = _start_server(root, root / "server.log")
+        if started:
+            break
+    else:
+        pytest.fail("mlflow server: 3 free ports in a row were taken before it bound them")
+    proc, uri = started
+    try:
         yield uri
     finally:
-        # The server runs uvicorn in a child process: stop the whole session this test started.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        log.close()
+        stop_server(proc)
 
 
 def test_runs_compare_and_lineage_over_http(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
