@@ -78,9 +78,8 @@ def two_processes(workdir: Path, *overrides: str, stop_after: int = 0) -> dict:
     This process binds the group's store before the ranks start: a port picked here and released could be taken
     by the other test worker before rank 0 bound it."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    port = store.port
     out = workdir.parent / f"{workdir.name}-{os.urandom(4).hex()}.json"
-    mp.start_processes(_worker, args=(2, port, str(workdir), list(overrides), stop_after, str(out)), nprocs=2,
+    mp.start_processes(_worker, args=(2, store.port, str(workdir), list(overrides), stop_after, str(out)), nprocs=2,
                        start_method="spawn")
     return json.loads(out.read_text())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -234,8 +235,13 @@ def test_unknown_network_interface_is_named() -> None:
         dist.apply_to_environ({})
 
 
+def launcher_free_env() -> dict[str, str]:
+    """This environment without any launcher's variables: what a process started by hand sees."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+
+
 def test_cli_prints_the_environment_as_json() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env = launcher_free_env()
     env.update(srun_env())
     out = subprocess.run(
         [sys.executable, "-m", "training.launch"], env=env, capture_output=True, text=True, check=True
@@ -251,9 +257,7 @@ def test_cli_prints_the_environment_as_json() -> None:
 def test_a_lone_process_binds_no_port() -> None:
     """Two one-process runs at once on one machine must not collide: a lone process's group needs no rendezvous,
     so it starts even when the MASTER_PORT its shell exports is taken (here, by this test)."""
-    import socket
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env = launcher_free_env()
     code = ("import torch; from training.engine import init_distributed; d = init_distributed(); "
             "t = torch.ones(1); torch.distributed.all_reduce(t); print(d.world_size, int(t.item()))")
     with socket.socket() as taken:

@@ -47,16 +47,16 @@ def init_distributed() -> Dist:
     if env.is_distributed:
         env.apply_to_environ()  # the torchrun variables that DeepSpeed's env:// reads
     rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
-    defaults = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    if world_size == 1:
-        # A lone process meets nobody: its group lives in an in-memory store (below), with no port that two
-        # runs on one machine could both want.
-        defaults = {key: defaults[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    defaults = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)}
+    if world_size > 1:
+        # A lone process meets nobody and needs no address: its group lives in an in-memory store (below), with
+        # no port that two runs on one machine could both want.
+        defaults.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     added = [key for key in defaults if key not in os.environ]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     cuda = use_cuda()
+    backend = "nccl" if cuda else "gloo"
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
         # DeepSpeed's CPU accelerator counts devices by running `numactl --hardware` on every call (one fork per
@@ -70,10 +70,8 @@ def init_distributed() -> Dist:
         _skip_shm_comm_build()
     if not torch.distributed.is_initialized():
         if world_size == 1:
-            torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(),
-                                                 rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if world_size == 1:
         # The defaults made up for a lone process must not leak into processes it starts (a child would take them
         # for its own). DeepSpeed reads LOCAL_RANK later, so that one stays.
