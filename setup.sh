@@ -7,5 +7,14 @@ PY=${PYTHON:-python3}
 # torch first: 2.13.0 is the CPU build; asking for it before anything that depends on
 # torch keeps pip from fetching a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+# The rest with uv, which resolves and downloads in parallel: about 20 s here, against about 200 s for pip.
+# It keeps the torch installed above. uv does not read pip's configuration, so INSTALLER=pip is the way to
+# install from a pip-configured private index; if uv cannot be installed or fails, pip does the work.
+if [ "${INSTALLER:-uv}" = uv ] && .venv/bin/pip install -q --disable-pip-version-check uv \
+        && .venv/bin/uv pip install -q --python .venv/bin/python -e ".[dev]"; then
+    :
+else
+    [ "${INSTALLER:-uv}" = uv ] && echo "setup.sh: uv did not install the project; installing it with pip" >&2
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+fi
 echo "scratchgpt is set up: .venv/bin/scratchgpt --help"
