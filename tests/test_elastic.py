@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -92,21 +94,32 @@ def one_process(workdir: Path, *overrides: str, stop_after: int = 0):
     return trainer, tag, trainer.run()
 
 
+@dataclass(frozen=True)
+class Run:
+    workdir: Path  # its checkpoints: step_00000004 and step_00000008, written by 2 processes
+    losses: list[float]
+
+
 @pytest.fixture(scope="module")
-def unbroken(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[float]]:
-    """The losses of 8 uninterrupted steps on 2 processes, per ZeRO stage."""
+def unbroken(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Run]:
+    """8 uninterrupted steps on 2 processes, per ZeRO stage. Tests that change a run's checkpoints copy it."""
     runs = {}
     for stage in (3, 2):
         workdir = fresh(base, tmp_path_factory.mktemp("unbroken"), f"zero{stage}")
         result = two_processes(workdir, f"train.zero_stage={stage}")
         assert result["step"] == 8 and result["grad_accum"] == 1
-        runs[stage] = result["losses"]
+        runs[stage] = Run(workdir, result["losses"])
     return runs
+
+
+def copy_of(run: Run, tmp_path: Path) -> Path:
+    shutil.copytree(run.workdir, tmp_path / "w")
+    return tmp_path / "w"
 
 
 @pytest.mark.parametrize("stage", [3, 2])
 def test_two_processes_stopped_resume_on_one_with_the_unbroken_losses(
-        base: Path, tmp_path: Path, unbroken: dict[int, list[float]], stage: int) -> None:
+        base: Path, tmp_path: Path, unbroken: dict[int, Run], stage: int) -> None:
     workdir = fresh(base, tmp_path, "two-to-one")
     part = two_processes(workdir, f"train.zero_stage={stage}", stop_after=3)
     assert part["reason"] == "signal" and part["step"] == 4
@@ -119,34 +132,33 @@ def test_two_processes_stopped_resume_on_one_with_the_unbroken_losses(
     assert trainer.train_cfg.grad_accum == 2  # 8 = 4 sequences x 2 micro-steps x 1 process
     assert trainer.resumed_how == "(written by 2 processes) on 1 process"
     assert elastic.is_converted(tag_dir)
-    assert part["losses"] == pytest.approx(unbroken[stage][:4], rel=1e-6)
-    assert rest.losses == pytest.approx(unbroken[stage][4:], rel=1e-6)
+    assert part["losses"] == pytest.approx(unbroken[stage].losses[:4], rel=1e-6)
+    assert rest.losses == pytest.approx(unbroken[stage].losses[4:], rel=1e-6)
     groups = trainer.eng.optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # biases and norms still without decay
 
 
 def test_one_process_stopped_resumes_on_two_with_the_unbroken_losses(
-        base: Path, tmp_path: Path, unbroken: dict[int, list[float]]) -> None:
+        base: Path, tmp_path: Path, unbroken: dict[int, Run]) -> None:
     workdir = fresh(base, tmp_path, "one-to-two")
     _, _, part = one_process(workdir, stop_after=3)
     assert part.reason == "signal" and part.step == 4
     rest = two_processes(workdir)
     assert rest["resumed"] == "step_00000004" and rest["how"] == "(written by 1 process) on 2 processes"
     assert rest["grad_accum"] == 1
-    assert part.losses + rest["losses"] == pytest.approx(unbroken[3], rel=1e-6)
+    assert part.losses + rest["losses"] == pytest.approx(unbroken[3].losses, rel=1e-6)
 
 
-def test_a_converted_checkpoint_is_not_converted_again_and_exports(base: Path, tmp_path: Path) -> None:
-    workdir = fresh(base, tmp_path, "cached")
-    two_processes(workdir, "train.max_steps=4")
+def test_a_converted_checkpoint_is_not_converted_again_and_exports(unbroken: dict[int, Run], tmp_path: Path) -> None:
+    workdir = copy_of(unbroken[3], tmp_path)
     ckpt = workdir / "pretrain" / "checkpoints"
-    tag_dir = ckpt / "step_00000004"
+    tag_dir = ckpt / "step_00000008"
     assert elastic.prepare(tag_dir, is_main=True) is True
     done = elastic.universal_dir(tag_dir) / elastic.DONE
     stamp = done.stat().st_mtime_ns
     assert elastic.prepare(tag_dir, is_main=True) is False  # the second resume converts nothing
-    trainer, tag, _ = one_process(workdir, "train.max_steps=4")  # a resume at the end: loads, trains nothing
-    assert tag == "step_00000004" and done.stat().st_mtime_ns == stamp
+    trainer, tag, _ = one_process(workdir)  # a resume at the end: loads, trains nothing
+    assert tag == "step_00000008" and done.stat().st_mtime_ns == stamp
     assert not list(tag_dir.glob(f".{elastic.UNIVERSAL}.tmp.*"))
 
     # A conversion killed half-way left its temporary folder and no DONE file: the next one redoes it.
@@ -160,7 +172,7 @@ def test_a_converted_checkpoint_is_not_converted_again_and_exports(base: Path, t
     assert elastic.is_converted(tag_dir) and not dead.exists()
 
     # Export reads the original partitions, whoever resumed from them: the same weights as the engine.
-    weights, meta = checkpoint.full_state_dict(ckpt, "step_00000004")
+    weights, meta = checkpoint.full_state_dict(ckpt, "step_00000008")
     assert meta["world_size"] == 2
     engine = trainer.eng.engine
     for name, param in engine.module.named_parameters():
@@ -168,12 +180,11 @@ def test_a_converted_checkpoint_is_not_converted_again_and_exports(base: Path, t
 
         with deepspeed.zero.GatheredParameters([param]):
             torch.testing.assert_close(weights[name], param.detach().float(), rtol=1e-6, atol=1e-7)
-    assert (export_checkpoint(ckpt, tmp_path / "hf", workdir / "tokenizer", "step_00000004") / "config.json").is_file()
+    assert (export_checkpoint(ckpt, tmp_path / "hf", workdir / "tokenizer", "step_00000008") / "config.json").is_file()
 
 
-def test_a_changed_global_batch_is_refused_on_another_world_size(base: Path, tmp_path: Path) -> None:
-    workdir = fresh(base, tmp_path, "refused")
-    two_processes(workdir, "train.max_steps=2")
+def test_a_changed_global_batch_is_refused_on_another_world_size(unbroken: dict[int, Run], tmp_path: Path) -> None:
+    workdir = copy_of(unbroken[3], tmp_path)
     trainer = build(elastic_config(workdir, "train.global_batch_size=4")).trainer
     with pytest.raises(checkpoint.CheckpointError, match="global batch of 8 .* this run has 4 .*global_batch_size"):
         trainer.resume()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_slurm_pipeline import (
     STEPS,
+    hurry_requeued,
     job_log,
     pretrain_config,
     scratchgpt,
@@ -47,11 +48,6 @@ def unbroken(base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float
     return train_losses(workdir)
 
 
-def nodes_settled(cluster) -> bool:
-    """No node still running or completing the first run (a launch onto a completing node fails)."""
-    return all(state in ("idle", "drained") for state in cluster.run("sinfo", "-h", "-N", "-o", "%T").split())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(REPEAT))
 def test_preempted_on_two_nodes_requeued_onto_one_finishes_like_an_unbroken_run(
@@ -81,9 +77,7 @@ def test_preempted_on_two_nodes_requeued_onto_one_finishes_like_an_unbroken_run(
                     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1",
                                       "NumCPUs=1")
                     shrunk = True
-                if state.get("Reason") == "BeginTime" and nodes_settled(slurm_cluster):
-                    # Slurm holds a requeued job for its credential lifetime (120 s); the test bed need not wait.
-                    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            hurry_requeued(slurm_cluster, job_id, state)
             time.sleep(0.5)
     finally:
         subprocess.run(["scontrol", "update", f"NodeName={second}", "State=RESUME"], capture_output=True)
