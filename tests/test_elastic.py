@@ -162,8 +162,6 @@ def test_a_converted_checkpoint_is_not_converted_again_and_exports(unbroken: dic
     assert not list(tag_dir.glob(f".{elastic.UNIVERSAL}.tmp.*"))
 
     # A conversion killed half-way left its temporary folder and no DONE file: the next one redoes it.
-    import shutil
-
     shutil.rmtree(elastic.universal_dir(tag_dir))
     dead = tag_dir / f".{elastic.UNIVERSAL}.tmp.{socket.gethostname()}.999999999"
     dead.mkdir()

@@ -236,7 +236,7 @@ def test_unknown_network_interface_is_named() -> None:
 
 
 def launcher_free_env() -> dict[str, str]:
-    """This environment without any launcher's variables: what a process started by hand sees."""
+    """This environment without Slurm's variables or torchrun's rank and rendezvous ones: as started by hand."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
 
 

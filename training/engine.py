@@ -49,8 +49,8 @@ def init_distributed() -> Dist:
     rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     defaults = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)}
     if world_size > 1:
-        # A lone process meets nobody and needs no address: its group lives in an in-memory store (below), with
-        # no port that two runs on one machine could both want.
+        # Only a group of more than one meets at an address. A lone process's group lives in an in-memory store
+        # (below), with no port that two runs on one machine could both want.
         defaults.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     added = [key for key in defaults if key not in os.environ]
     for key, value in defaults.items():
