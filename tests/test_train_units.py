@@ -170,7 +170,10 @@ def test_metrics_are_batched_to_a_real_mlflow_store_off_the_hot_path(tmp_path: P
 
 
 def test_tracking_costs_under_two_percent_of_training_time(tmp_path: Path) -> None:
-    """The loop's logging pattern (6 metrics every 10 steps) over steps of 20 ms, against a real sqlite store.
+    """The loop's logging pattern (6 metrics every 10 steps) over 300 steps of 20 ms, against a real sqlite store.
+
+    6 s, not 3: the sender's first batch carries one-time costs that a real run spreads over hours (in 3 s they
+    came to 2.1-2.6% on an idle 2-core machine, and the test failed with nothing changed in the logger).
 
     The best of three tries: the tests run two at a time (pytest -n 2), and the other one's load can stretch a
     3-second measurement; the least of the tries is the cost tracking itself adds."""
@@ -182,13 +185,13 @@ def test_tracking_costs_under_two_percent_of_training_time(tmp_path: Path) -> No
         client, uri, run_id = mlflow_run(tmp_path / str(attempt))
         logger = MetricsLogger(run_id, uri, flush_every_s=1.0)
         started = time.perf_counter()
-        for step in range(1, 151):
+        for step in range(1, 301):
             time.sleep(0.02)  # the training step (sleeping, so the sender thread has a core, as on a 2-core machine)
             if step % 10 == 0:
                 logger.log({"train_loss": 1.0, "lr": 0.1, "step_time": 0.02, "tokens_per_sec": 1e4, "grad_norm": 1.0,
                             "mfu": 0.1}, step)
         logger.close()
-        assert len(client.get_metric_history(run_id, "mfu")) == 15
+        assert len(client.get_metric_history(run_id, "mfu")) == 30
         costs.append(logger.overhead(time.perf_counter() - started))
         if costs[-1]["tracking_fraction"] < 0.02:
             break
