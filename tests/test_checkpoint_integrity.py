@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from train_helpers import build_workdir, copy_inputs, tiny_config
+from train_helpers import build_workdir, copy_inputs, copy_workdir, tiny_config
 
 from pipeline.stages.pretrain import build
 from training import checkpoint
@@ -33,13 +33,6 @@ def trained(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
-def copy_of(trained: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    shutil.copytree(trained, tmp_path / "w")
-    return tmp_path / "w"
-
-
 def flip_one_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -58,7 +51,7 @@ def test_every_file_is_hashed_and_no_recovery_script_is_left(trained: Path) -> N
 
 def test_a_same_size_flip_under_latest_resumes_from_the_older_intact_checkpoint(
         trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     ckpts = workdir / "pretrain" / "checkpoints"
     damaged = next((ckpts / "step_00000004").glob("*optim_states.pt"))
     size = damaged.stat().st_size
@@ -74,7 +67,7 @@ def test_a_same_size_flip_under_latest_resumes_from_the_older_intact_checkpoint(
 
 def test_a_truncated_file_under_latest_is_skipped_too(trained: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     ckpts = workdir / "pretrain" / "checkpoints"
     model = next((ckpts / "step_00000004").glob("*model_states.pt"))
     model.write_bytes(model.read_bytes()[:100])
@@ -84,7 +77,7 @@ def test_a_truncated_file_under_latest_is_skipped_too(trained: Path, tmp_path: P
 
 
 def test_no_intact_checkpoint_is_one_error_naming_each_damaged_file(trained: Path, tmp_path: Path) -> None:
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     ckpts = workdir / "pretrain" / "checkpoints"
     flipped = [next((ckpts / tag).glob("*optim_states.pt")) for tag in ("step_00000004", "step_00000002")]
     for path in flipped:
@@ -97,7 +90,7 @@ def test_no_intact_checkpoint_is_one_error_naming_each_damaged_file(trained: Pat
 
 
 def test_a_nonfinite_loss_marks_the_state_it_came_from_bad(trained: Path, tmp_path: Path) -> None:
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     ckpts = workdir / "pretrain" / "checkpoints"
     # From the good step 4 a huge rate makes step 5's update blow the weights up; step 6's loss is not finite.
     cfg = tiny_config(workdir, "train.max_steps=50", "train.lr=1.0e+30", "train.warmup_steps=0",
@@ -123,7 +116,7 @@ def test_a_checkpoint_engine_not_made_safe_is_refused(trained: Path, tmp_path: P
     class PluginEngine(TorchCheckpointEngine):  # e.g. brought in by a DeepSpeed plug-in: full pickle
         pass
 
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     trainer = build(tiny_config(workdir, "train.max_steps=4")).trainer
     trainer.eng.engine.checkpoint_engine.__class__ = PluginEngine
     with pytest.raises(CheckpointError, match="PluginEngine would load checkpoints with unrestricted pickle"):
@@ -165,7 +158,7 @@ def test_two_ranks_agree_on_the_intact_checkpoint_to_resume_from(base: Path, tmp
 
 
 def test_export_refuses_a_damaged_checkpoint_naming_the_file(trained: Path, tmp_path: Path) -> None:
-    workdir = copy_of(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     ckpts = workdir / "pretrain" / "checkpoints"
     damaged = next((ckpts / "step_00000004").glob("*optim_states.pt"))
     flip_one_byte(damaged)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import TINY, build_workdir, copy_inputs
+from train_helpers import TINY, build_workdir, copy_inputs, copy_workdir
 
 from pipeline.cli import leave_process_group
 from pipeline.config import ConfigError, load_config
@@ -112,11 +112,6 @@ def unbroken(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, 
     return runs
 
 
-def copy_of(run: Run, tmp_path: Path) -> Path:
-    shutil.copytree(run.workdir, tmp_path / "w")
-    return tmp_path / "w"
-
-
 @pytest.mark.parametrize("stage", [3, 2])
 def test_two_processes_stopped_resume_on_one_with_the_unbroken_losses(
         base: Path, tmp_path: Path, unbroken: dict[int, Run], stage: int) -> None:
@@ -150,7 +145,7 @@ def test_one_process_stopped_resumes_on_two_with_the_unbroken_losses(
 
 
 def test_a_converted_checkpoint_is_not_converted_again_and_exports(unbroken: dict[int, Run], tmp_path: Path) -> None:
-    workdir = copy_of(unbroken[3], tmp_path)
+    workdir = copy_workdir(unbroken[3].workdir, tmp_path)
     ckpt = workdir / "pretrain" / "checkpoints"
     tag_dir = ckpt / "step_00000008"
     assert elastic.prepare(tag_dir, is_main=True) is True
@@ -182,7 +177,7 @@ def test_a_converted_checkpoint_is_not_converted_again_and_exports(unbroken: dic
 
 
 def test_a_changed_global_batch_is_refused_on_another_world_size(unbroken: dict[int, Run], tmp_path: Path) -> None:
-    workdir = copy_of(unbroken[3], tmp_path)
+    workdir = copy_workdir(unbroken[3].workdir, tmp_path)
     trainer = build(elastic_config(workdir, "train.global_batch_size=4")).trainer
     with pytest.raises(checkpoint.CheckpointError, match="global batch of 8 .* this run has 4 .*global_batch_size"):
         trainer.resume()

@@ -65,6 +65,14 @@ def copy_inputs(base: Path, workdir: Path) -> None:
         shutil.copytree(base / name, workdir / name)
 
 
+def copy_workdir(workdir: Path, tmp_path: Path) -> Path:
+    """A copy of a trained workdir, for a test that changes its checkpoints."""
+    import shutil
+
+    shutil.copytree(workdir, tmp_path / "w")
+    return tmp_path / "w"
+
+
 def write_yaml(path: Path, overrides: list[str]) -> Path:
     """A config file holding exactly these `key.path=value` settings, as a user would write it."""
     import yaml

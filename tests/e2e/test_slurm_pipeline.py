@@ -85,7 +85,7 @@ def hurry_requeued(cluster, job_id: str, state: dict[str, str]) -> None:
     if state["Restarts"] == "0" or state["JobState"] != "PENDING" or not nodes_settled(cluster):
         return
     waiting = cluster.run("squeue", "-h", "-n", "scratchgpt-release", "-t", "PENDING", "-o", "%i %r").splitlines()
-    hurry = [line.split()[0] for line in waiting if line.split()[1:] == ["BeginTime"]]
+    hurry = [job for job, reason in (line.split(maxsplit=1) for line in waiting) if reason == "BeginTime"]
     if state.get("Reason") == "BeginTime":
         hurry.append(job_id)
     for job in hurry:
