@@ -16,11 +16,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_helpers import SHAKESPEARE, TINY, build_workdir, cli_env, copy_inputs, torchrun_cli, write_yaml
+from train_helpers import (
+    SHAKESPEARE,
+    TINY,
+    build_workdir,
+    cli_env,
+    copy_inputs,
+    tiny_config,
+    torchrun_cli,
+    write_yaml,
+)
 
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.core.identity import is_complete
+from pipeline.core.runner import run_stage
+from training.schedule import ScheduleError
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -117,6 +128,111 @@ def test_an_input_moved_to_another_folder_is_named_by_its_paths(tmp_path: Path, 
     assert f"1 input file removed since the last run ({old / 'a.jsonl'})" in out
 
 
+def test_a_changed_key_is_named_with_its_old_and_new_value(tmp_path: Path, capsys) -> None:
+    config = data_config(tmp_path, [str(write_jsonl(tmp_path / "d.jsonl", speeches(6), "d"))])
+    for stage in ("prep", "tokenizer"):
+        assert main([stage, str(config)]) == 0
+    capsys.readouterr()
+    assert main(["tokenizer", str(config), "tokenizer.vocab_size=290"]) == 0
+    assert "[tokenizer] running again: the config changed: tokenizer.vocab_size 300 -> 290" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- refusals leave a finished stage whole
+
+
+def test_an_unknown_input_suffix_is_refused_before_a_finished_prep_is_removed(tmp_path: Path, capsys) -> None:
+    """A glob that also catches a README.md: the earlier prep stays complete and usable."""
+    data = write_jsonl(tmp_path / "d.jsonl", speeches(6), "d")
+    config = data_config(tmp_path, [str(data)])
+    assert main(["prep", str(config)]) == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    capsys.readouterr()
+    assert main(["prep", str(config), f"data.inputs=[{data}, {notes}]"]) == 2
+    err = capsys.readouterr().err
+    assert f"`data.inputs`: {notes}: unknown input format" in err and "Traceback" not in err
+    assert (tmp_path / "w" / "prep" / "stats.json").is_file() and list((tmp_path / "w" / "prep" / "output").iterdir())
+    assert main(["prep", str(config)]) == 0
+    assert "[prep] complete, skipped" in capsys.readouterr().out
+
+
+def test_a_refused_schedule_change_keeps_a_finished_pretrain_and_watch_keys_continue_it(tmp_path: Path,
+                                                                                      capsys) -> None:
+    workdir = tmp_path / "w"
+    build_workdir(workdir)
+    wsd = ["train.schedule=wsd", "train.decay_fraction=0.5", "train.sample_tokens=0"]
+    cfg = tiny_config(workdir, *wsd)
+    run_stage(cfg, "pretrain")
+    # 6 steps would decay from step 3, and no checkpoint before it is in the stable phase
+    with pytest.raises(ScheduleError, match="max_steps changed from 8 to 6"):
+        run_stage(tiny_config(workdir, *wsd, "train.max_steps=6"), "pretrain")
+    assert is_complete(cfg, "pretrain")
+    capsys.readouterr()
+    assert run_stage(cfg, "pretrain") is None  # complete, skipped
+
+    # how often it logs is no reason to train again: the finished run re-evaluates and exports
+    run_stage(tiny_config(workdir, *wsd, "train.log_every=4"), "pretrain")
+    out = capsys.readouterr().out
+    assert "[pretrain] continuing: the config changed: train.log_every 1 -> 4" in out
+    assert "resumed from" in out and "step_00000008 at step 8" in out
+
+
+def test_a_tracking_server_that_does_not_answer_stops_before_anything_is_removed(tmp_path: Path, capsys) -> None:
+    config = data_config(tmp_path, [str(write_jsonl(tmp_path / "d.jsonl", speeches(6), "d"))])
+    assert main(["prep", str(config)]) == 0
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    assert main(["prep", str(config), "--force", f"tracking.uri=http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - started < 30 and f"cannot reach the MLflow server at http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err and complete(config)["prep"]
+
+
+def test_outputs_deleted_after_a_stage_finished_are_made_again(tmp_path: Path, capsys) -> None:
+    config = data_config(tmp_path, [str(write_jsonl(tmp_path / "d.jsonl", speeches(12), "d"))])
+    for stage in ("prep", "tokenizer", "shard"):
+        assert main([stage, str(config)]) == 0
+    shards = tmp_path / "w" / "shards"
+    manifest = (shards / "manifest.json").read_bytes()
+    victim = sorted(shards.glob("val/*.arrow"))[0]
+    victim.unlink()
+    capsys.readouterr()
+    assert main(["shard", str(config)]) == 0
+    assert f"[shard] running again: {victim} is missing" in capsys.readouterr().out
+    assert victim.is_file() and (shards / "manifest.json").read_bytes() == manifest  # the same shards again
+
+    for out in (tmp_path / "w" / "prep" / "output").iterdir():
+        out.unlink()
+    assert main(["prep", str(config)]) == 0
+    assert "[prep] running again: its outputs in" in capsys.readouterr().out
+    assert list((tmp_path / "w" / "prep" / "output").iterdir())
+
+
+def test_a_child_left_by_a_killed_run_does_not_keep_the_workdir_locked(tmp_path: Path, capsys) -> None:
+    """datatrove's worker pool and Manager are forked children: one that outlives a kill -9 of the run must not
+    hold the lock (the kernel keeps a flock while any inherited descriptor is open)."""
+    from pipeline.core.lock import workdir_lock
+
+    lock, child_pid = tmp_path / "scratchgpt.lock", tmp_path / "child.pid"
+    script = (f"import os, signal, time\nfrom pipeline.core.lock import workdir_lock\n"
+              f"with workdir_lock({str(lock)!r}, 'prep'):\n"
+              f"    pid = os.fork()\n"
+              f"    if pid == 0:\n        time.sleep(120)\n        os._exit(0)\n"
+              f"    open({str(child_pid)!r}, 'w').write(str(pid))\n"
+              f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert killed.returncode == -9
+    orphan = int(child_pid.read_text())
+    try:
+        with workdir_lock(lock, "prep"):
+            pass
+        assert "took over a stale workdir lock" in capsys.readouterr().err
+    finally:
+        os.kill(orphan, 9)
+
+
 # ---------------------------------------------------------------- empty and suspicious outcomes
 
 
@@ -145,6 +261,17 @@ def test_a_filter_that_drops_most_documents_warns_with_its_keys(tmp_path: Path, 
     assert "prep.filters.length.min_chars / prep.filters.length.max_chars" in out.err  # the keys that tune it
     marker = json.loads((tmp_path / "w" / "prep" / "_COMPLETE.json").read_text())
     assert any("length dropped 6" in w for w in marker["warnings"])
+
+
+def test_a_file_in_another_encoding_is_set_aside_with_a_warning_that_names_it(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", speeches(6), "g")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("\n\n".join(speeches(3, start=10)).replace("a", "\u00e9", 1).encode("latin-1"))
+    config = data_config(tmp_path, [str(good), str(latin)])
+    assert main(["prep", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 malformed record set aside, e.g. latin.txt:" in err and "invalid UTF-8" in err
+    assert "iconv" in err and str(tmp_path / "w" / "prep" / "removed" / "malformed") in err
 
 
 # ---------------------------------------------------------------- the workdir lock

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.core.stages import STAGES
 from pipeline.core.workdir import workdir_of
+from pipeline.redact import redact
 
 HASH_LIMIT = 256 * 2**20  # inputs up to this size are content-hashed (about 0.5 s per 256 MB)
 HASH_BUDGET = 2 * 2**30  # bytes content-hashed per fingerprint at most: a huge corpus goes by size and mtime
@@ -121,8 +122,10 @@ def compute(cfg: Config, name: str) -> Identity:
 def _compute(cfg: Config, name: str) -> Identity:
     stage = STAGES[name]
     marker = read_marker(cfg, name) or read_json(workdir_of(cfg).started(name)) or {}
-    config_hash = hashlib.sha256(json.dumps(stage_config(cfg, name), sort_keys=True).encode()).hexdigest()[:16]
-    parts: dict[str, Any] = {"config": config_hash, "inputs": {}, "upstream": {}}
+    consumed = stage_config(cfg, name)
+    config_hash = hashlib.sha256(json.dumps(consumed, sort_keys=True).encode()).hexdigest()[:16]
+    # settings: the values behind the hash, only so that `explain` can name what changed (not hashed again)
+    parts: dict[str, Any] = {"config": config_hash, "settings": settings(consumed), "inputs": {}, "upstream": {}}
     lister = stage.hook("inputs")
     if lister is not None:
         parts["inputs"] = fingerprint_files(lister(cfg), marker.get("parts", {}).get("inputs"))
@@ -133,6 +136,32 @@ def _compute(cfg: Config, name: str) -> Identity:
     resumable = stage.hook("resume_config")
     ident.resume = _digest({"config": _digest(resumable(cfg)), **rest}) if resumable else ident.hash
     return ident
+
+
+def settings(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'train.lr': '0.003', 'data.sources.0.weight': '0.7', ...}: a config's leaves, the way overrides name them."""
+    if isinstance(tree, dict) and tree:
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix[:-1]: redact(json.dumps(tree, ensure_ascii=False, default=str))}
+    out: dict[str, str] = {}
+    for key, value in items:
+        out.update(settings(value, f"{prefix}{key}."))
+    return out
+
+
+def changed_settings(before: dict[str, str], after: dict[str, str], shown: int = 3) -> str:
+    """'train.lr 0.003 -> 0.001, model.n_layer 4 -> 6' for the keys whose values differ, at most `shown`."""
+    def short(value: str | None) -> str:
+        if value is None:
+            return "(unset)"
+        return value if len(value) <= 40 else value[:37] + "..."
+
+    keys = [k for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)]
+    text = ", ".join(f"{k} {short(before.get(k))} -> {short(after.get(k))}" for k in keys[:shown])
+    return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def _digest(value: Any) -> str:
@@ -160,7 +189,10 @@ def explain(old: dict[str, Any] | None, new: Identity, sections: tuple[str, ...]
     before = old.get("parts") or {}
     reasons: list[str] = []
     if before.get("config") != new.parts["config"]:
-        reasons.append(f"the config ({', '.join(sections)}) changed")
+        changed = changed_settings(before.get("settings") or {}, new.parts.get("settings") or {})
+        # markers written before `settings` was recorded can only say which sections
+        reasons.append(f"the config changed: {changed}" if before.get("settings") and changed
+                       else f"the config ({', '.join(sections)}) changed")
     old_inputs, new_inputs = before.get("inputs") or {}, new.parts["inputs"]
     added = [p for p in new_inputs if p not in old_inputs]
     removed = [p for p in old_inputs if p not in new_inputs]

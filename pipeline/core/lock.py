@@ -5,7 +5,8 @@ says who holds it (host, pid, command, since when). A second run stops at once
 with `WorkdirLocked`, naming the holder. The kernel drops the flock when its
 process dies, so a lock file left by a dead process is simply taken over; the
 run says so, naming the process that left it. Within one process the lock is
-re-entrant (`scratchgpt run` holds it across its stages).
+re-entrant (`scratchgpt run` holds it across its stages); a forked child does not
+hold it, so a worker left behind by a killed run cannot keep the workdir locked.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ class WorkdirLocked(ScratchgptError):
 
 
 _held: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth) held by this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (datatrove's worker pool and its Manager server): close the inherited lock descriptors.
+    A child that outlives its killed parent would otherwise keep the workdir locked for good; the flock stays
+    held by the parent's own descriptor while the parent lives."""
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def describe(holder: dict[str, Any]) -> str:

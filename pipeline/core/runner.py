@@ -1,12 +1,15 @@
 """The stage runner: everything around a stage's work, done once for every stage.
 
     run_stage(cfg, name)
-      1. complete?       the marker's identity is today's (config, inputs, upstream outputs): skip
+      1. complete?       the marker's identity is today's (config, inputs, upstream outputs) and the outputs are
+                         still there (the stage's verify hook): skip
       2. lock            <workdir>/scratchgpt.lock (rank 0; re-entrant inside `scratchgpt run`)
-      3. clean or resume same identity as the interrupted run: resume; another (or --force): remove the outputs
-      4. MLflow run      the stage's sections as params, its tags; an interrupted stage reopens its run
-      5. the work        spec.entry(ctx) -> summary (raises StageStopped to stop for a requeue)
-      6. marker          identity + parts + output digest + summary (rank 0), then the summary line
+      3. check           the stage's own refusals (bad input names, a schedule that cannot continue), and a
+                         tracking server that does not answer, while earlier outputs are still whole
+      4. clean or resume same identity as the interrupted run: resume; another (or --force): remove the outputs
+      5. MLflow run      the stage's sections as params, its tags; an interrupted stage reopens its run
+      6. the work        spec.entry(ctx) -> summary (raises StageStopped to stop for a requeue)
+      7. marker          identity + parts + output digest + summary (rank 0), then the summary line
 
 `guard(label, fn)` is the one error path of every command: an error the
 project raises on purpose (`ScratchgptError`) or a full disk prints one line,
@@ -98,25 +101,49 @@ def clean_outputs(cfg: Config, spec: StageSpec) -> None:
         shutil.rmtree(Path(cfg.workdir) / out, ignore_errors=True)
 
 
-def prepare(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool) -> bool:
-    """Clean or resume (rank 0): True when earlier outputs are continued (an interrupted run of this identity,
-    or outputs the stage can carry on from, like a WSD run given more steps); else they are removed."""
+@dataclass
+class Plan:
+    """What the runner will do with a stage's earlier outputs, decided before anything is touched."""
+
+    resumed: bool  # continue them (an interrupted run of this identity, or outputs the stage can carry on from)
+    why: str = ""  # why the stage runs again, when an earlier run left a marker of another identity
+
+
+def decide(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool) -> Plan:
+    """Continue or start afresh (rank 0), reading the markers only."""
     paths = workdir_of(cfg)
     marker = identity.read_marker(cfg, spec.name)
     started = identity.read_json(paths.started(spec.name))
     previous = marker or started
     interrupted = started is not None and started.get("hash") == ident.hash and marker is None
     continued = previous is not None and previous.get("resume", previous.get("hash")) == ident.resume
-    resumed = not force and (interrupted or continued)
+    why = ""
     if previous is not None and previous.get("hash") != ident.hash:
         why = identity.explain(previous, ident, spec.sections)
-        print(f"[{spec.name}] {'continuing' if resumed else 'running again'}: {why}", flush=True)
-    if not resumed:  # also when the markers were deleted by hand: nothing of an earlier run may survive
+    return Plan(resumed=not force and (interrupted or continued), why=why)
+
+
+def prepare(cfg: Config, spec: StageSpec, ident: identity.Identity, plan: Plan) -> None:
+    """Clean or keep the earlier outputs as `plan` says (rank 0), and mark the stage started."""
+    paths = workdir_of(cfg)
+    if plan.why:
+        print(f"[{spec.name}] {'continuing' if plan.resumed else 'running again'}: {plan.why}", flush=True)
+    if not plan.resumed:  # also when the markers were deleted by hand: nothing of an earlier run may survive
         clean_outputs(cfg, spec)
     paths.marker(spec.name).unlink(missing_ok=True)
     _write_json(paths.started(spec.name), {"stage": spec.name, "hash": ident.hash, "resume": ident.resume,
                                             "parts": ident.parts, "at": time.time()})
-    return resumed
+
+
+def outputs_problem(cfg: Config, spec: StageSpec, marker: dict[str, Any]) -> str:
+    """Why a stage marked complete cannot be trusted as it is (its outputs went missing or were changed), or ""."""
+    verify = spec.hook("verify")
+    if verify is None:
+        return ""
+    try:
+        return verify(cfg, marker) or ""
+    except (OSError, ValueError, KeyError, ScratchgptError) as exc:
+        return f"its outputs are missing or unreadable since it finished ({exc})"
 
 
 @contextlib.contextmanager
@@ -146,6 +173,13 @@ def stage_tracking(ctx: StageContext, spec: StageSpec, ident: identity.Identity)
         yield run
 
 
+def is_done(cfg: Config, name: str) -> bool:
+    """Complete for today's identity, with its outputs still there: `run_stage` would skip it."""
+    marker = identity.read_marker(cfg, name)
+    return (marker is not None and marker.get("hash") == identity.compute(cfg, name).hash
+            and not outputs_problem(cfg, STAGES[name], marker))
+
+
 def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | None:
     """Run one stage unless its marker says it is done with today's config, inputs and upstream outputs."""
     spec = STAGES[name]
@@ -153,9 +187,14 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
     ident = identity.compute(cfg, name)
     marker = identity.read_marker(cfg, name)
     if not force and marker is not None and marker.get("hash") == ident.hash:
+        problem = outputs_problem(cfg, spec, marker)
+        if not problem:
+            if dist.is_main:
+                print(f"[{name}] complete, skipped (delete {Path(cfg.workdir) / name} or pass --force to redo)")
+            return None
         if dist.is_main:
-            print(f"[{name}] complete, skipped (delete {Path(cfg.workdir) / name} or pass --force to redo)")
-        return None
+            print(f"[{name}] running again: {problem}", flush=True)
+        force = force or not spec.repair_resumes  # broken outputs are not continued, unless the stage can
     check_upstream(cfg, spec)
     if force and dist.is_distributed:
         raise ScratchgptError(f"--force with {dist.world_size} processes: other ranks could read what rank 0 "
@@ -163,6 +202,7 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
                               f"{Path(cfg.workdir) / name}, then launch")
     if dist.is_main:  # the other ranks would race rank 0's clean-up of the same folder
         check_writable(workdir_of(cfg).stage(name), name)
+        tracking.check_reachable(tracking.tracking_uri(cfg))  # before anything of an earlier run is removed
     _current.append(name)
     try:
         lock = workdir_lock(workdir_of(cfg).lock, name) if dist.is_main else contextlib.nullcontext()
@@ -209,7 +249,14 @@ def _run_locked(cfg: Config, spec: StageSpec, ident: identity.Identity, dist: Di
                 force: bool) -> dict[str, Any] | None:
     started = time.time()
     # Rank 0 cleans before it joins the process group; the other ranks read their own outputs only after joining.
-    resumed = prepare(cfg, spec, ident, force) if dist.is_main else False
+    resumed = False
+    if dist.is_main:
+        plan = decide(cfg, spec, ident, force)
+        check = spec.hook("check")
+        if check is not None:  # refuse what the stage would refuse, while the earlier outputs are still whole
+            check(cfg, plan.resumed)
+        prepare(cfg, spec, ident, plan)
+        resumed = plan.resumed
     ctx = StageContext(cfg=cfg, name=spec.name, paths=workdir_of(cfg), dist=dist, resumed=resumed)
     if dist.is_main:
         print(f"[{spec.name}] {'resuming' if resumed else 'starting'}: {spec.help}", flush=True)

@@ -36,6 +36,13 @@ class StageSpec:
     # "module:function": cfg -> dict, the config that decides whether earlier outputs can be continued rather
     # than removed when the identity changed (a WSD run given more steps extends its checkpoints).
     resume_config: str | None = None
+    # "module:function": (cfg, resumed) -> None, raising the stage's refusals of its config or inputs before the
+    # runner removes or continues anything of an earlier run (`resumed`: the earlier outputs will be continued).
+    check: str | None = None
+    # "module:function": (cfg, marker) -> str, why the outputs of a stage marked complete cannot be used as they
+    # are (missing, truncated, edited), or "": the stage then runs again instead of being skipped.
+    verify: str | None = None
+    repair_resumes: bool = False  # outputs that fail verify are continued (pretrain re-exports), not removed
     # Extra command-line switches: (flag, the override it stands for, help).
     flags: tuple[tuple[str, str, str], ...] = ()  # (--flag, the override it stands for, help)
     options: tuple[tuple[str, str, str], ...] = ()  # (--option N, the key it sets to N, help)
@@ -80,20 +87,23 @@ def ancestry(name: str) -> tuple[str, ...]:
 register(StageSpec(
     "prep", ("data", "prep"), (), "pipeline.stages.prep:run",
     "deduplicate and quality-filter raw text into clean documents", outputs=("prep",),
-    inputs="pipeline.stages.prep:input_files", digest="pipeline.stages.prep:digest", datatrove=True))
+    inputs="pipeline.stages.prep:input_files", digest="pipeline.stages.prep:digest", datatrove=True,
+    check="pipeline.stages.prep:check", verify="pipeline.stages.prep:verify"))
 register(StageSpec(
     "tokenizer", ("tokenizer",), ("prep",), "pipeline.stages.tokenizer:run",
     "train a byte-level BPE tokenizer on the clean documents", outputs=("tokenizer",),
-    digest="pipeline.stages.tokenizer:digest"))
+    digest="pipeline.stages.tokenizer:digest", verify="pipeline.stages.tokenizer:verify"))
 register(StageSpec(
     "shard", ("data", "shards"), ("prep", "tokenizer"), "pipeline.stages.shard:run",
     "tokenize clean documents into Arrow token shards", outputs=("shard", "shards"),
-    inputs="pipeline.stages.shard:input_files", digest="pipeline.stages.shard:digest", datatrove=True))
+    inputs="pipeline.stages.shard:input_files", digest="pipeline.stages.shard:digest", datatrove=True,
+    verify="pipeline.stages.shard:verify"))
 register(StageSpec(
     "pretrain", ("model", "train"), ("shard",), "pipeline.stages.pretrain:run",
     "pretrain the GPT with DeepSpeed ZeRO-3", outputs=("pretrain",),
     digest="pipeline.stages.pretrain:digest", resume_config="pipeline.stages.pretrain:resume_config",
     identity_config="pipeline.stages.pretrain:identity_config",
+    check="pipeline.stages.pretrain:check", verify="pipeline.stages.pretrain:verify", repair_resumes=True,
     template="pretrain", ranks=True))
 # finetune declares no outputs to clear: it never resumes, each task rewrites its own folder, and the
 # --from-scratch baseline (finetune/<task>-scratch) must stay beside the pretrained run's results.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.private import private_sqlite_store
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.redact import redact, split_credentials
 
 # Tag names, written here and by the stages, read by `scratchgpt runs` (pipeline.runs).
@@ -59,6 +59,29 @@ def use_tracking(cfg: Config) -> str:
         _EXPORTED_BY_US.add(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+class TrackingUnreachable(ConfigError):
+    """The configured MLflow server does not answer."""
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a server that does not answer: MLflow's client retries for minutes before it gives up, and a
+    stage checks this before it removes anything of an earlier run."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (a proxy without /health, an auth wall): let MLflow's own request say more
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnreachable(f"cannot reach the MLflow server at {redact(uri)}: {reason} "
+                                  "(is `mlflow server` running there? `tracking.uri` or $MLFLOW_TRACKING_URI "
+                                  "names it)") from None
 
 
 def git_commit() -> str:

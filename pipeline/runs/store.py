@@ -23,6 +23,7 @@ from pipeline.core.tracking import (  # noqa: F401 - the tag names, re-exported 
     STAGE_TAG,
     TOKENIZER_TAG,
     WORKDIR_TAG,
+    check_reachable,
 )
 
 SHORT_ID = 8
@@ -66,23 +67,6 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
-
-
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast on a server that does not answer: MLflow's client retries for minutes before it gives up."""
-    import urllib.error
-    import urllib.request
-
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        pass  # it answered (a proxy without /health, an auth wall): let MLflow's own request say more
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise RunsError(f"cannot reach the MLflow server at {uri}: {reason} "
-                        "(is `mlflow server` running there?)") from None
 
 
 def open_store(uri: str, experiment: str | None) -> Store:

@@ -45,20 +45,39 @@ class EmptyOutcome(ConfigError):
     """A data stage that kept nothing: what dropped the documents, and where they are."""
 
 
-def sample_reason(removed: Path, step: str) -> str:
-    """The reason recorded with the first document that `step` set aside."""
+def removed_metadata(removed: Path, step: str, limit: int = 1) -> list[dict[str, Any]]:
+    """The metadata of the first `limit` documents that `step` set aside (file, line, reason, ...)."""
     import zstandard
 
+    found: list[dict[str, Any]] = []
     for path in sorted((removed / step).glob("*.jsonl.zst")):
         with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
-            first = io.TextIOWrapper(reader, encoding="utf-8", errors="replace").readline()
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError:
-            continue
-        meta = record.get("metadata") or {}
+            for line in io.TextIOWrapper(reader, encoding="utf-8", errors="replace"):
+                try:
+                    found.append(json.loads(line).get("metadata") or {})
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def sample_reason(removed: Path, step: str) -> str:
+    """The reason recorded with the first document that `step` set aside."""
+    for meta in removed_metadata(removed, step):
         return str(meta.get("reason") or meta.get("filter_reason") or "")
     return ""
+
+
+def malformed_warning(count: int, removed: Path) -> str:
+    """Records that could not be read are never a silent loss: how many, which files and why, where they are."""
+    examples = removed_metadata(removed, "malformed", limit=3)
+    shown = "; ".join(f"{Path(str(m.get('file', '?'))).name}:{m.get('line', '?')}: {m.get('reason', '')}"
+                      for m in examples)
+    hint = (" (a file in another encoding: convert it to UTF-8 first, e.g. `iconv -f GB18030 -t UTF-8`)"
+            if any("UTF-8" in str(m.get("reason", "")) for m in examples) else "")
+    return (f"{count} malformed record{'s' if count != 1 else ''} set aside, e.g. {shown}{hint}; "
+            f"they are in {removed / 'malformed'}")
 
 
 def dropped_by_step(counts: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +101,8 @@ def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> N
             hint=f"loosen {tuning_keys(top)}" if top else "check data.inputs")
     from dataprep.prep import outcome_warnings
 
+    if counts.get("dropped_malformed"):
+        ctx.warn(malformed_warning(counts["dropped_malformed"], removed))
     for line in outcome_warnings(counts):
         ctx.warn(line.removeprefix("prep: "))
 
@@ -93,6 +114,30 @@ def input_files(cfg: Config) -> list[str]:
         return [f for i, s in enumerate(cfg.data.sources) for f in expand_inputs(s.inputs, f"data.sources.{i}.inputs",
                                                                                   where)]
     return expand_inputs(cfg.data.inputs, "data.inputs", where)
+
+
+def check(cfg: Config, resumed: bool) -> None:
+    """Every input has a format prep reads (a glob that caught a README.md): refused before an earlier run's
+    outputs are removed."""
+    from dataprep.readers import input_format
+
+    where = cfg.source or "<defaults>"
+    groups = ([(f"data.sources.{i}.inputs", s.inputs) for i, s in enumerate(cfg.data.sources)]
+              or [("data.inputs", cfg.data.inputs)])
+    for key, patterns in groups:
+        for path in expand_inputs(patterns, key, str(where)):
+            if not path.startswith(BUILTIN_PREFIX):
+                try:
+                    input_format(path)
+                except ValueError as exc:
+                    raise PrepInputError(f"{where}: `{key}`: {exc}") from None
+
+
+def verify(cfg: Config, marker: dict[str, Any]) -> str:
+    """The clean documents are still the ones prep wrote (names, sizes and counts)."""
+    if marker.get("digest") and digest(cfg) != marker["digest"]:
+        return f"its outputs in {workdir_of(cfg).prep_output} changed since it finished"
+    return ""
 
 
 def digest(cfg: Config) -> str:

@@ -26,11 +26,19 @@ def pretrain_paths(cfg: Config) -> dict[str, Path]:
             "checkpoints": paths.checkpoints, "export": paths.export}
 
 
+# How a run is watched and saved, not what it trains: with other values the checkpoints still continue (a
+# finished run re-evaluates and exports again instead of training from step 0).
+WATCH_KEYS = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "sample_prompt", "sample_tokens")
+
+
 def resume_config(cfg: Config) -> dict[str, Any]:
-    """The config as far as it decides whether the checkpoints can be continued: a WSD run's max_steps may grow."""
+    """The config as far as it decides whether the checkpoints can be continued: a WSD run's max_steps may grow,
+    and the WATCH_KEYS may change."""
     from training.schedule import resumable_train
 
-    return with_mix(cfg, cfg.model_copy(update={"train": resumable_train(cfg.train)}).section_dump("model", "train"))
+    train = resumable_train(cfg.train)
+    train = train.model_copy(update={k: type(train).model_fields[k].default for k in WATCH_KEYS})
+    return with_mix(cfg, cfg.model_copy(update={"train": train}).section_dump("model", "train"))
 
 
 def identity_config(cfg: Config) -> dict[str, Any]:
@@ -44,6 +52,32 @@ def with_mix(cfg: Config, sections: dict[str, Any]) -> dict[str, Any]:
 
     weights = mix_weights(cfg.data)
     return {**sections, "mix": weights} if weights else sections  # data.inputs: the identity of before
+
+
+def check(cfg: Config, resumed: bool) -> None:
+    """A WSD run given a max_steps its checkpoints cannot reach is refused before its marker is touched."""
+    from training.checkpoint import LATEST, CheckpointError
+    from training.schedule import ScheduleError, extension_tag
+
+    ckpt_dir = workdir_of(cfg).checkpoints
+    latest = ckpt_dir / LATEST
+    if not resumed or not latest.is_file():
+        return
+    try:
+        extension_tag(ckpt_dir, latest.read_text(encoding="utf-8").strip(), cfg.train)
+    except ScheduleError:
+        raise
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return  # an unreadable checkpoint: the loop's integrity check picks an intact one and says so
+
+
+def verify(cfg: Config, marker: dict[str, Any]) -> str:
+    """The export is there (a deleted one is written again from the last checkpoint)."""
+    from training.export import WEIGHTS_FILE
+
+    export = workdir_of(cfg).export
+    missing = [name for name in ("config.json", WEIGHTS_FILE) if not (export / name).is_file()]
+    return f"{export} lacks {', '.join(missing)}" if missing else ""
 
 
 def digest(cfg: Config) -> str:

@@ -39,6 +39,25 @@ def digest(cfg: Config) -> str:
     return manifest_sha256(workdir_of(cfg).shards)
 
 
+def verify(cfg: Config, marker: dict[str, Any]) -> str:
+    """The manifest is the one this stage wrote and every shard it lists is there at its size (no hashing here:
+    pretraining checks the shards' content as `shards.verify` says)."""
+    from dataprep.shards import read_manifest
+
+    shards = workdir_of(cfg).shards
+    manifest = read_manifest(shards)
+    if marker.get("digest") and digest(cfg) != marker["digest"]:
+        return f"{shards / 'manifest.json'} changed since it finished"
+    for split in manifest["splits"].values():
+        for shard in split.get("shards", []):
+            path = shards / shard["path"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if "file_bytes" in shard and path.stat().st_size != shard["file_bytes"]:
+                return f"{path} is {path.stat().st_size} bytes, the manifest says {shard['file_bytes']}"
+    return ""
+
+
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
     from pipeline.core.executors import run_local, run_slurm
 

@@ -99,6 +99,13 @@ def digest(cfg: Config) -> str:
     return tokenizer_sha256(workdir_of(cfg).tokenizer)
 
 
+def verify(cfg: Config, marker: dict[str, Any]) -> str:
+    """tokenizer.json is still the one this stage wrote."""
+    if marker.get("digest") and digest(cfg) != marker["digest"]:
+        return f"{workdir_of(cfg).tokenizer / 'tokenizer.json'} changed since it finished"
+    return ""
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import mlflow
 
