@@ -8,17 +8,19 @@ after it (the marker hash chains through the upstream hashes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.commands.args import add_config_args
 from pipeline.config import Config, load_config
-from pipeline.core.identity import is_complete
 from pipeline.core.lock import workdir_lock
-from pipeline.core.runner import run_stage
+from pipeline.core.runner import is_done, run_stage
 from pipeline.core.stages import STAGES
-from pipeline.core.tracking import stage_run, tracking_uri
+from pipeline.core.tracking import check_reachable, stage_run, tracking_uri
 from pipeline.core.workdir import workdir_of
 from pipeline.redact import redact
 
@@ -51,11 +53,12 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
 
 
 def _run_chain(cfg: Config, force: bool) -> dict[str, Any]:
-    pending = [name for name in STAGES if force or not is_complete(cfg, name)]
+    pending = [name for name in STAGES if force or not is_done(cfg, name)]
     if not pending:
         print("Every stage is complete for this config; nothing to do (pass --force to redo).")
         return dict.fromkeys(STAGES)
     results: dict[str, Any] = {}
+    check_reachable(tracking_uri(cfg))  # MLflow's own client would retry for minutes
     with stage_run(cfg, "pipeline", sections=tuple(Config.model_fields), tags={"stages": ",".join(pending)}) as run:
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id  # stage runs (and their subprocesses) nest under this one
@@ -86,6 +89,15 @@ def sample_lines(export: Path, prompt: str, tokens: int = 60, seed: int = 0) -> 
     return prompt + "".join(pieces)
 
 
+def shell_command(program: str, *args: str) -> str:
+    """A line to paste into a shell: this installation's `program` (relative to the current directory when it is
+    below it) and the arguments quoted (workdirs with spaces)."""
+    path = Path(sys.executable).parent / program
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(Path.cwd())
+    return " ".join(shlex.quote(str(part)) for part in (path, *args))
+
+
 def closing_report(cfg: Config) -> str:
     """Where the model, the MLflow store and the fine-tuned tasks are, and a few generated lines."""
     paths = workdir_of(cfg)
@@ -100,12 +112,13 @@ def closing_report(cfg: Config) -> str:
             if (paths.task(task.name, scratch) / "export").is_dir():
                 lines.append(f"Task model:     {(paths.task(task.name, scratch) / 'export').resolve()}")
     lines.append(f"MLflow store:   {uri}  (experiment {cfg.tracking.experiment!r})")
-    ui = f"--backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else ""
-    lines.append(f"Browse runs:    .venv/bin/mlflow ui {ui} --port 5000".rstrip())
-    lines.append(f"Compare runs:   .venv/bin/scratchgpt runs {cfg.source or 'CONFIG'}")
+    ui = ["--backend-store-uri", uri] if uri.startswith(("sqlite:", "file:")) else []
+    lines.append(f"Browse runs:    {shell_command('mlflow', 'ui', *ui, '--port', '5000')}")
+    lines.append(f"Compare runs:   {shell_command('scratchgpt', 'runs', str(cfg.source or 'CONFIG'))}")
     if (export / "config.json").is_file():
         lines += ["", f"Sample (prompt {cfg.train.sample_prompt!r}, seed 0):", "-" * 72]
         lines.append(sample_lines(export, cfg.train.sample_prompt))
         lines.append("-" * 72)
-        lines.append(f"More: .venv/bin/scratchgpt generate --model {export} --prompt 'Return the'")
+        more = shell_command("scratchgpt", "generate", "--model", str(export), "--prompt", cfg.train.sample_prompt)
+        lines.append(f"More: {more}")
     return "\n".join(lines)
