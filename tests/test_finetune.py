@@ -136,11 +136,60 @@ def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict
     assert main(["predict", "--model", str(tmp_path / "work" / "finetune" / "sst2" / "export"),
                  "--file", str(texts), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["text"] for r in rows] == ["a gorgeous , witty , seductive movie .", "the plot is nothing but clichés"]
+    # One row per input line, in order: the blank line keeps its place, labelled null.
+    assert [r["text"] for r in rows] == ["a gorgeous , witty , seductive movie .", "",
+                                         "the plot is nothing but clichés"]
+    assert rows.pop(1) == {"text": "", "label": None, "probability": None, "probabilities": None}
     for r in rows:
         assert r["label"] in ("0", "1")
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert r["probability"] == max(r["probabilities"].values())
+
+
+def test_predict_text_output_keeps_a_row_per_input_line(finetuned: tuple[Path, dict], capsys) -> None:
+    from pipeline.cli import main
+
+    tmp_path, _ = finetuned
+    texts = tmp_path / "aligned.txt"
+    texts.write_text("a fine film\n   \n\nawful\n")
+    for batch in ("1", "64"):
+        assert main(["predict", "--model", str(tmp_path / "work" / "finetune" / "sst2" / "export"),
+                     "--file", str(texts), "--batch-size", batch]) == 0
+        out = capsys.readouterr().out.split("\n")
+        assert len(out) == 5 and out[1] == out[2] == "" and out[4] == ""  # four rows, then the final newline
+        assert out[0].endswith("\ta fine film") and out[3].endswith("\tawful")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--file", "/nonexistent/in.txt"], "--file /nonexistent/in.txt: no such file"),
+])
+def test_predict_bad_options_are_one_line(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    from pipeline.cli import main
+
+    (tmp_path / "in.txt").write_text("fine\n")
+    assert main(["predict", "--model", str(tmp_path), "--file", str(tmp_path / "in.txt"), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"scratchgpt predict: {message}\n" and captured.out == ""
+
+
+def test_rows_with_empty_text_are_skipped_counted_and_warned_once(tmp_path: Path, pretrained: Path) -> None:
+    cfg = _config(tmp_path, pretrained, "finetune.seeds=2", steps=2)
+    task = cfg.finetune.tasks[0]
+    train, dev = Path(task.train), Path(task.eval)
+    lines = train.read_text().splitlines(keepends=True)
+    # SST-2's files hold the label first; rows 4 and 603 of train and 122 of dev have no text.
+    train.write_text("".join([*lines[:3], "1\t\r\n", *lines[3:], "0\t   \r\n"]))
+    dev.write_text(dev.read_text() + "1\t\n")
+    summary = run_stage(cfg, "finetune", force=True)
+    assert summary["warnings"] == [  # once for the task, though two seeds ran
+        f"task sst2: 2 training row(s) with empty text skipped (the first at {train}:4)",
+        f"task sst2: 1 eval row(s) with empty text skipped (the first at {dev}:122)",
+    ]
+    metrics = json.loads((tmp_path / "work" / "finetune" / "sst2" / "metrics.json").read_text())["summary"]
+    assert (metrics["train_examples"], metrics["train_empty_skipped"]) == (600, 2)
+    assert (metrics["eval_examples"], metrics["eval_empty_skipped"]) == (120, 1)
 
 
 def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, pretrained: Path) -> None:

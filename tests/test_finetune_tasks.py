@@ -143,3 +143,67 @@ def test_task_engine_settings_take_the_task_precision_else_pretraining_s() -> No
     assert default.max_minutes is None  # a task is bounded by its steps, not pretraining's budget
     assert task_train_config(base, task.model_copy(update={"precision": None})).precision == "bf16"
     assert task_train_config(base, task.model_copy(update={"precision": "fp16"})).precision == "fp16"
+
+
+def test_labels_are_stripped_so_padded_spellings_are_one_class(tmp_path: Path) -> None:
+    path = tmp_path / "t.tsv"
+    path.write_text("text\tlabel\ngreat\tpos\nawful\tneg \nfine\t pos\n")
+    examples = read_classification(path, "text", "label")
+    assert [e.label for e in examples] == ["pos", "neg", "pos"]
+    assert LabelMap.from_examples(examples).labels == ["neg", "pos"]  # a 2-class head, not 4
+
+
+@pytest.mark.parametrize(("name", "body", "line", "what"), [
+    ("t.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', 2, "null"),
+    ("t.tsv", "text\tlabel\na\t1\nb\t\n", 3, "empty"),
+    ("t.csv", "text,label\na,1\nb,  \n", 3, "empty"),
+])
+def test_a_missing_label_is_refused_naming_file_line_and_column(tmp_path: Path, name: str, body: str, line: int,
+                                                                 what: str) -> None:
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(TaskDataError, match=rf"t\.{path.suffix[1:]}:{line}: the label column 'label' is {what}"):
+        read_classification(path, "text", "label")
+
+
+def test_a_parquet_null_label_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": "a", "label": "x"}, {"text": "b", "label": None}]), path)
+    with pytest.raises(TaskDataError, match=r"t\.parquet:2: the label column 'label' is null"):
+        read_classification(path, "text", "label")
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_a_row_with_fewer_fields_than_the_header_is_refused(tmp_path: Path, suffix: str) -> None:
+    sep = "\t" if suffix == ".tsv" else ","
+    path = tmp_path / f"t{suffix}"
+    path.write_text(f"text{sep}label\ngood film{sep}pos\n{sep.join(['bad film', 'neg'])}\npos\n")
+    with pytest.raises(TaskDataError, match=rf"t\{suffix}:4: fewer fields than the header has \(1 of 2\)"):
+        read_classification(path, "text", "label")
+
+
+def test_rows_with_empty_text_are_skipped_and_their_places_kept(tmp_path: Path) -> None:
+    from training.tasks import Example, empty_skipped
+
+    path = tmp_path / "t.tsv"
+    path.write_text("text\tlabel\ngood\tpos\n\tneg\n   \tpos\nbad\tneg\n")
+    examples = read_classification(path, "text", "label")
+    assert [e.text for e in examples] == ["good", "bad"]
+    assert empty_skipped(examples) == [f"{path}:3", f"{path}:4"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": null, "label": 1}\n{"text": "x", "label": 1}\n')
+    assert empty_skipped(read_classification(jsonl, "text", "label")) == [f"{jsonl}:1"]
+    assert empty_skipped([Example("from a registered kind", "pos")]) == []  # a plain list: nothing skipped
+    only_empty = tmp_path / "e.tsv"
+    only_empty.write_text("text\tlabel\n \tpos\n")
+    with pytest.raises(TaskDataError, match=r"e\.tsv: every row's text column 'text' is empty"):
+        read_classification(only_empty, "text", "label")
+
+
+def test_a_null_sft_response_is_refused_not_trained_as_none(tmp_path: Path) -> None:
+    from training.tasks import read_sft
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q", "response": null}\n')
+    with pytest.raises(TaskDataError, match=r"s\.jsonl:2: the response column 'response' is null"):
+        read_sft(path, "prompt", "response")

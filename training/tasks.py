@@ -36,6 +36,10 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict[str, str
         for row in reader:
             if None in row:  # more cells than header columns
                 raise TaskDataError(f"{path}:{reader.line_num}: more fields than the header has")
+            if None in row.values():  # fewer cells: DictReader fills the missing columns with None
+                given = sum(value is not None for value in row.values())
+                raise TaskDataError(f"{path}:{reader.line_num}: fewer fields than the header has "
+                                    f"({given} of {len(row)})")
             rows.append((reader.line_num, row))
         return rows
 
@@ -97,23 +101,58 @@ def _column(path: Path, line: int, row: dict[str, Any], key: str, role: str) -> 
     return row[key]
 
 
-def read_classification(path: str | Path, text_key: str, label_key: str) -> list[Example]:
+class Examples(list[Example]):
+    """The examples of one task file, and where the rows set aside because their text is empty were."""
+
+    def __init__(self, examples: list[Example], empty_skipped: list[str]) -> None:
+        super().__init__(examples)
+        self.empty_skipped = empty_skipped  # "file:line" of each skipped row
+
+
+def empty_skipped(examples: list[Example]) -> list[str]:
+    """Where the rows skipped for empty text were; none for a registered kind that returns a plain list."""
+    return examples.empty_skipped if isinstance(examples, Examples) else []
+
+
+def _label(path: Path, line: int, row: dict[str, Any], key: str) -> Any:
+    """The label with surrounding whitespace stripped (`pos ` is `pos`); a missing one is refused, as it would
+    otherwise become a class of its own ("None" or "")."""
+    label = _column(path, line, row, key, "label")
+    if isinstance(label, str):
+        label = label.strip()
+    if label is None or label == "":
+        raise TaskDataError(f"{path}:{line}: the label column {key!r} is {'null' if label is None else 'empty'}")
+    return label
+
+
+def read_classification(path: str | Path, text_key: str, label_key: str) -> Examples:
+    """The file's examples; rows whose text is empty, blank or null are skipped and their places kept."""
     path = Path(path)
-    return [
-        Example(
-            text=str(_column(path, line, row, text_key, "text")),
-            label=_column(path, line, row, label_key, "label"),
-        )
-        for line, row in read_rows(path)
-    ]
+    examples, skipped = [], []
+    for line, row in read_rows(path):
+        text = _column(path, line, row, text_key, "text")
+        if text is None or not str(text).strip():  # nothing to learn from, whatever its label
+            skipped.append(f"{path}:{line}")
+            continue
+        examples.append(Example(text=str(text), label=_label(path, line, row, label_key)))
+    if not examples:
+        raise TaskDataError(f"{path}: every row's text column {text_key!r} is empty")
+    return Examples(examples, skipped)
+
+
+def _present(path: Path, line: int, row: dict[str, Any], key: str, role: str) -> str:
+    value = _column(path, line, row, key, role)
+    if value is None:  # JSON null or a Parquet null: str() would train on the text "None"
+        raise TaskDataError(f"{path}:{line}: the {role} column {key!r} is null")
+    return str(value)
 
 
 def read_sft(path: str | Path, prompt_key: str, response_key: str) -> list[Example]:
     path = Path(path)
     return [
         Example(
-            prompt=str(_column(path, line, row, prompt_key, "prompt")),
-            text=str(_column(path, line, row, response_key, "response")),
+            prompt=_present(path, line, row, prompt_key, "prompt"),
+            text=_present(path, line, row, response_key, "response"),
         )
         for line, row in read_rows(path)
     ]

@@ -105,6 +105,7 @@ class TaskRun:
     eot: int
     finetuner: Any  # training.finetune.Finetuner
     examples: tuple[int, int]  # train, eval
+    empty_skipped: tuple[list[str], list[str]] = ([], [])  # train, eval: "file:line" of rows with empty text
 
 
 def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, log: Any = None,
@@ -115,7 +116,7 @@ def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, 
     from training.engine import build_engine
     from training.finetune import Finetuner, task_lr_ratio, task_train_config
     from training.objectives import objective
-    from training.tasks import task_kind
+    from training.tasks import empty_skipped, task_kind
 
     init = init_folder(cfg)
     tokenizer = _tokenizer(cfg, init)
@@ -132,7 +133,8 @@ def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, 
                        lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
     finetuner = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
                           progress=progress)
-    return TaskRun(task, init, goal, prepared, gpt_config, eot, finetuner, (len(train_ex), len(eval_ex)))
+    return TaskRun(task, init, goal, prepared, gpt_config, eot, finetuner, (len(train_ex), len(eval_ex)),
+                   (empty_skipped(train_ex), empty_skipped(eval_ex)))
 
 
 def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bool, seed: int) -> dict[str, Any]:
@@ -144,11 +146,13 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
         f" seed {seed}" if cfg.finetune.seeds > 1 else "")
     progress = Progress(label, task.max_steps, enabled=dist.is_main)
     built = build_task_run(cfg, task, dist, scratch, seed, log, progress)
+    warn_empty_skipped(ctx, task.name, built.empty_skipped)
     task, init, goal, prepared, gpt_config, eot = (built.task, built.init, built.goal, built.prepared,
                                                    built.gpt_config, built.eot)
     result = built.finetuner.run()
     out = result_dir(cfg, task, scratch, seed)
     summary = {**result.metrics, "train_examples": built.examples[0], "eval_examples": built.examples[1],
+               "train_empty_skipped": len(built.empty_skipped[0]), "eval_empty_skipped": len(built.empty_skipped[1]),
                "from_scratch": scratch, "seed": seed}
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
@@ -157,6 +161,16 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
             write_json(out / name, body)
         write_json(out / "metrics.json", {"summary": summary, "history": result.history})
     return summary
+
+
+def warn_empty_skipped(ctx: StageContext, name: str, skipped: tuple[list[str], list[str]]) -> None:
+    """One warning per task file with rows skipped for empty text; said once, however many arms and seeds run."""
+    for split, places in zip(("training", "eval"), skipped, strict=True):
+        if not places:
+            continue
+        text = f"task {name}: {len(places)} {split} row(s) with empty text skipped (the first at {places[0]})"
+        if text not in ctx.warnings:
+            ctx.warn(text)
 
 
 def headline(summary: dict[str, Any]) -> tuple[str, float] | None:
