@@ -195,3 +195,27 @@ def test_weights_of_another_shape_are_refused_naming_the_tensor(tmp_path):
     del state["module.ln_f.bias"]
     with pytest.raises(ValueError, match=r"checkpoint X does not fit the model config: missing \['ln_f.bias'\]"):
         gpt_from_state_dict(state, model.config, where="checkpoint X")
+
+
+def test_export_out_that_is_a_file_or_a_foreign_folder_is_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    ckpts = tmp_path / "work" / "pretrain" / "checkpoints"  # refused before the checkpoint is read
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    for out, why in (("file", "is a file, not a folder"), ("notes", "is a folder holding other files")):
+        assert main(["export", str(ckpts), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"scratchgpt export: --out {tmp_path / out} {why}") and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]  # nothing mixed in
+
+
+def test_export_out_may_be_new_empty_or_an_earlier_export(tmp_path, tokenizer_dir):
+    from pipeline.commands.export import check_out_folder
+
+    model = random_model("learned")
+    earlier = export_hf(model.state_dict(), model.config, tokenizer_dir, tmp_path / "earlier")
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty", earlier):
+        check_out_folder(out)  # no error

@@ -26,11 +26,12 @@ def scratchgpt(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A workdir after `scratchgpt pretrain` of the tiny model (4 steps, ZeRO-3, one process)."""
+    """A workdir after `scratchgpt pretrain` of the tiny model (4 steps, ZeRO-3, one process, checkpoints at 2 and
+    4)."""
     workdir = tmp_path_factory.mktemp("gen_ckpt") / "work"
     build_workdir(workdir)
     tree: dict = {"workdir": str(workdir), "tokenizer": {"vocab_size": 300}, "tracking": {"experiment": "g"}}
-    for text in [*TINY_DATA, *TINY, "train.max_steps=4", "train.eval_every=4"]:
+    for text in [*TINY_DATA, *TINY, "train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=2"]:
         keys, value = parse_override(text)
         node = tree
         for key in keys[:-1]:
@@ -64,3 +65,19 @@ def test_a_damaged_checkpoint_is_reported_without_traceback(trained, tmp_path):
     result = scratchgpt("generate", "--model", str(ckpts), "--prompt", "a", "--tokenizer", str(trained / "tokenizer"))
     assert result.returncode == 2
     assert "model_states" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_step_folder_generates_what_its_export_does(trained, tmp_path):
+    ckpts = trained / "pretrain" / "checkpoints"
+    oldest = sorted(p for p in ckpts.glob("step_*") if p.is_dir())[0]  # not `latest`: the tag must be honoured
+    assert oldest.name != (ckpts / "latest").read_text().strip()
+    out = tmp_path / "export"
+    for _ in range(2):  # the second writes over the first: an earlier export may be replaced
+        done = scratchgpt("export", str(oldest), "--out", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+    common = ["--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3", "--top-k", "20"]
+    from_step = scratchgpt("generate", "--model", str(oldest), *common)
+    from_export = scratchgpt("generate", "--model", str(out), "--tokenizer", str(trained / "tokenizer"), *common)
+    from_latest = scratchgpt("generate", "--model", str(ckpts), *common)
+    assert from_step.returncode == 0, from_step.stderr[-2000:]
+    assert from_step.stdout == from_export.stdout != from_latest.stdout

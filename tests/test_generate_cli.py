@@ -140,3 +140,16 @@ def test_a_character_split_over_two_tokens_comes_out_whole(export_dir):
 def test_asking_for_cuda_without_it_is_a_clear_error(capsys, export_dir):
     code, _, err = run_generate(capsys, "--model", str(export_dir), "--prompt", "a", "--device", "cuda")
     assert code == 2 and "no CUDA device" in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
+def test_a_device_generate_cannot_use_is_one_line(capsys, export_dir, device):
+    code, out, err = run_generate(capsys, "--model", str(export_dir), "--prompt", "a", "--device", device)
+    assert code == 2 and out == ""
+    assert err == f"scratchgpt generate: --device {device!r}: use cpu, cuda, cuda:N or mps\n"
+
+
+def test_cpu_device_is_accepted(capsys, export_dir):
+    code, out, err = run_generate(capsys, "--model", str(export_dir), "--prompt", "a", "--max-new-tokens", "2",
+                                  "--device", "cpu")
+    assert code == 0 and out.startswith("a"), err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dataprep.errors import ScratchgptError
 from pipeline.core.workdir import Workdir
 
 
@@ -23,13 +24,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint folder (<workdir>/pretrain/checkpoints, the one holding `latest`), or one "
                         "checkpoint inside it (.../step_00000200)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: <workdir>/pretrain/export beside the checkpoints)")
+                   help="output folder: new, empty, or an earlier export, which is replaced (default: "
+                        "<workdir>/pretrain/export beside the checkpoints)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer folder to copy in (default: <workdir>/tokenizer beside the checkpoints)")
     p.set_defaults(func=cmd_export)
 
 
-def _split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
+class ExportOutError(ScratchgptError):
+    """An --out that is not a folder export may write into; the message names it."""
+
+
+def split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
     """The checkpoint folder and tag: the folder with `latest`, or a tag folder inside it."""
     from training.checkpoint import META
 
@@ -38,13 +44,26 @@ def _split_checkpoint_arg(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
+def check_out_folder(out: Path) -> None:
+    """--out is new, empty, or an earlier export (replaced in place); anything else would mix its files with ours."""
+    from training.export import CONFIG_FILE, WEIGHTS_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ExportOutError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not ((out / CONFIG_FILE).is_file() and (out / WEIGHTS_FILE).is_file()):
+        raise ExportOutError(f"--out {out} is a folder holding other files, not an earlier export "
+                             f"({CONFIG_FILE} and {WEIGHTS_FILE}): give a new or empty folder")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from dataprep.errors import ScratchgptError
     from training.export import export_checkpoint
 
-    ckpt_dir, tag = _split_checkpoint_arg(args.checkpoints)
+    ckpt_dir, tag = split_checkpoint_arg(args.checkpoints)
     workdir = Workdir(ckpt_dir.parents[1]) if len(ckpt_dir.parents) > 1 else Workdir(ckpt_dir)  # <workdir>/pretrain/…
     out = args.out or workdir.export
+    check_out_folder(out)  # before the checkpoint is read: that can take minutes
     tokenizer = args.tokenizer or workdir.tokenizer
     if args.tokenizer is not None and not (tokenizer / "tokenizer.json").is_file():
         raise ScratchgptError(f"{tokenizer / 'tokenizer.json'} does not exist (--tokenizer)")
