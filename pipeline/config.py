@@ -201,12 +201,36 @@ def _check_unique_keys(node: yaml.Node, source: Path, path: str = "") -> None:
             _check_unique_keys(item, source, f"{path}.{i}")
 
 
+def _utf8_text(source: Path) -> str:
+    data = source.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the config as UTF-8 "
+                          f"(e.g. `iconv -f GB18030 -t UTF-8`)") from None
+
+
+def _yaml_error(source: Path, exc: yaml.YAMLError) -> ConfigError:
+    """`file:line:col: problem`, the place an editor jumps to, instead of PyYAML's several-line report."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return ConfigError(f"{source}: not valid YAML: {exc}")
+    problem = getattr(exc, "problem", None) or "a syntax error"
+    context = getattr(exc, "context", None)
+    return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+                       + (f" ({context})" if context else ""))
+
+
 def read_yaml(source: Path) -> Any:
-    text = source.read_text(encoding="utf-8")
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is not None:
-        _check_unique_keys(node, source)
-    return yaml.safe_load(text)
+    text = _utf8_text(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_unique_keys(node, source)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, exc) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -222,17 +246,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _list_index(items: list[Any], key: str, keys: list[str], i: int, source: str) -> int:
+    """`data.sources.0`: a list item by its position, which must exist (an override edits, it does not append)."""
+    where = ".".join(keys[:i])
+    if not key.isdigit():
+        raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{where}` is a list; name an item by its "
+                          f"position, e.g. `{where}.0`")
+    if int(key) >= len(items):
+        raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{where}` has {len(items)} item(s), "
+                          f"numbered from 0")
+    return int(key)
+
+
 def apply_override(tree: dict[str, Any], keys: list[str], value: Any, source: str) -> None:
-    node = tree
-    for i, key in enumerate(keys[:-1]):
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_index(node, key, keys, i, source)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{'.'.join(keys[:i])}` is not a mapping")
+        if last:
+            node[key] = value
+            break
         child = node.get(key)
-        if child is None or child is False or child is True:
-            child = {}
-            node[key] = child
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{'.'.join(keys[: i + 1])}` is not a mapping")
+        if child is None or child is False or child is True:  # an absent or switched section: start it
+            child = node[key] = {}
         node = child
-    node[keys[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -242,10 +287,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         if not source.is_file():
             raise ConfigError(f"config file {source} does not exist")
-        try:
-            tree = read_yaml(source) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        tree = read_yaml(source)
+        if tree is None:  # an empty file would silently run the built-in demo
+            raise ConfigError(f"{source} is empty (or only comments): start from configs/default.yaml and set "
+                              f"at least `workdir`")
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(tree).__name__}")
     for text in overrides:

@@ -90,3 +90,67 @@ def test_a_second_workdir_in_one_process_gets_its_own_store(tmp_path: Path, monk
     assert tracking_uri(second) == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # set by the user: it wins
     assert tracking_uri(second) == "http://127.0.0.1:5999"
+
+
+def test_a_config_in_another_encoding_is_one_line_naming_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                  ) -> None:
+    from pipeline.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes("workdir: runs/x\n# 中文语料\n".encode("gb18030"))
+    assert main(["prep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:2: not UTF-8" in err
+
+
+def test_a_yaml_error_says_file_line_and_column(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cfg\.yaml:3:8: not valid YAML: mapping values are not allowed"):
+        load_config(write(tmp_path, "workdir: runs/x\ntrain:\n  lr: 1: 2\n"))
+
+
+def test_an_empty_config_file_is_refused_rather_than_running_the_demo(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match="is empty"):
+            load_config(write(tmp_path, text))
+    assert load_config(None).workdir == Path("runs/demo")  # no file at all still gives the defaults
+
+
+def test_a_floor_above_the_peak_learning_rate_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.min_lr \(0\.0003\) is above train\.lr \(0\.0001\)"):
+        load_config(write(tmp_path, "workdir: runs/x\n"), ["train.lr=1e-4"])
+    cfg = load_config(write(tmp_path, "workdir: runs/x\n"), ["train.lr=1.0e-4", "train.min_lr=1.0e-5"])
+    assert cfg.train.lr == 1e-4
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.max_minutes=.inf", "prep.workers=true",
+                                      "train.max_steps=false"])
+def test_non_finite_floats_and_booleans_for_numbers_are_refused(tmp_path: Path, override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"`{key}`"):
+        load_config(write(tmp_path, "workdir: runs/x\n"), [override])
+
+
+def test_switches_still_take_booleans(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "workdir: runs/x\n"), ["prep.dedup.minhash=false", "data.strict=true"])
+    assert cfg.prep.dedup.minhash is False and cfg.data.strict is True
+
+
+def test_an_override_names_a_list_item_by_its_position(tmp_path: Path) -> None:
+    for name in ("a.txt", "b.txt", "t.tsv"):
+        (tmp_path / name).write_text("text\tlabel\nsome words\tx\n")
+    path = write(tmp_path, f"""workdir: {tmp_path / 'w'}
+data:
+  sources:
+    - {{name: a, inputs: [{tmp_path / 'a.txt'}]}}
+    - {{name: b, inputs: [{tmp_path / 'b.txt'}]}}
+finetune:
+  tasks:
+    - {{name: t, train: {tmp_path / 't.tsv'}, eval: {tmp_path / 't.tsv'}}}
+""")
+    cfg = load_config(path, ["data.sources.1.weight=0.5", "finetune.tasks.0.max_steps=5"])
+    assert cfg.data.sources[1].weight == 0.5 and cfg.data.sources[0].weight == 1.0
+    assert cfg.finetune.tasks[0].max_steps == 5
+    with pytest.raises(ConfigError, match=r"`data\.sources` has 2 item\(s\), numbered from 0"):
+        load_config(path, ["data.sources.2.weight=0.5"])
+    with pytest.raises(ConfigError, match=r"`data\.sources` is a list; name an item by its position"):
+        load_config(path, ["data.sources.a.weight=0.5"])

@@ -90,6 +90,13 @@ class TrainConfig(Section):
 
 
     @model_validator(mode="after")
+    def _floor_below_peak(self) -> TrainConfig:
+        if self.min_lr > self.lr:  # the schedule would rise from its warm-up to min_lr
+            raise ValueError(f"train.min_lr ({self.min_lr:g}) is above train.lr ({self.lr:g}): set train.min_lr "
+                             f"too, e.g. train.min_lr={self.lr / 10:g}")
+        return self
+
+    @model_validator(mode="after")
     def _one_batch_rule(self) -> TrainConfig:
         # grad_accum 1 (the default, and what a config snapshot writes back) means "derived".
         if self.global_batch_size is not None and self.grad_accum != 1:
