@@ -130,22 +130,30 @@ def verify_shards(shards_dir: str | Path, mode: VerifyMode = "full", vocab_size:
     return report
 
 
+def listed_shard_problem(shards_dir: Path, entry: dict[str, Any]) -> str:
+    """Why a shard the manifest lists is not there as listed (missing, or another size), or "": the cheap check."""
+    path = shards_dir / entry["path"]
+    if not path.is_file():
+        return f"{shards_dir / MANIFEST} lists shard {entry['path']}, but {path} is missing"
+    size = path.stat().st_size
+    if "file_bytes" in entry and size != entry["file_bytes"]:
+        return (f"shard {path}: the manifest says {entry['file_bytes']} bytes, the file has {size}; it was "
+                f"truncated or replaced")
+    return ""
+
+
 def _verify_splits(shards_dir: Path, manifest: dict[str, Any], splits: tuple[str, ...], mode: str, limit: int,
                    cache: dict[str, Any], fresh: dict[str, Any], report: VerifyReport) -> None:
-    where = shards_dir / MANIFEST
     for split in splits:
         for entry in manifest["splits"].get(split, {}).get("shards", []):
             rel = entry["path"]
             path = shards_dir / rel
-            if not path.is_file():
-                raise ShardError(f"{where} lists shard {rel}, but {path} is missing")
+            problem = listed_shard_problem(shards_dir, entry)
+            if problem:
+                raise ShardError(f"{problem}: re-run `scratchgpt shard CONFIG --force`")
             stat = path.stat()
             report.shards += 1
             report.file_bytes += stat.st_size
-            if "file_bytes" in entry and stat.st_size != entry["file_bytes"]:
-                raise ShardError(f"shard {path}: the manifest says {entry['file_bytes']} bytes, the file has "
-                                 f"{stat.st_size}; it was truncated or replaced: "
-                                 "re-run `scratchgpt shard CONFIG --force`")
             _check_metadata(path, manifest)
             if mode == "fast":
                 continue

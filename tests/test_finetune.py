@@ -127,6 +127,17 @@ def test_from_scratch_writes_beside_the_pretrained_run(tmp_path: Path, pretraine
     assert pretrained_model.gpt.config.n_layer == 2
 
 
+def test_a_deleted_task_result_is_trained_again(tmp_path: Path, pretrained: Path) -> None:
+    from pipeline.core.runner import run_stage
+
+    cfg = _config(tmp_path, pretrained, steps=4)
+    run_stage(cfg, "finetune")
+    metrics = tmp_path / "work" / "finetune" / "sst2" / "metrics.json"
+    metrics.unlink()
+    assert run_stage(cfg, "finetune") is not None and metrics.is_file()  # ran again, not "complete, skipped"
+    assert run_stage(cfg, "finetune") is None
+
+
 def test_predict_cli_labels_lines_with_probabilities(finetuned: tuple[Path, dict], capsys) -> None:
     from pipeline.cli import main
 

@@ -29,8 +29,8 @@ from train_helpers import (
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.core.identity import is_complete
-from pipeline.core.runner import run_stage
+from pipeline.core.runner import is_done, run_stage
+from pipeline.slurm.submit import main as slurm_main
 from training.schedule import ScheduleError
 
 VENV_BIN = Path(sys.executable).parent
@@ -58,7 +58,7 @@ def data_config(tmp: Path, inputs: list[str], **extra) -> Path:
 
 def complete(config: Path) -> dict[str, bool]:
     cfg = load_config(config)
-    return {name: is_complete(cfg, name) for name in ("prep", "tokenizer", "shard")}
+    return {name: is_done(cfg, name) for name in ("prep", "tokenizer", "shard")}
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def test_a_refused_schedule_change_keeps_a_finished_pretrain_and_watch_keys_cont
     # 6 steps would decay from step 3, and no checkpoint before it is in the stable phase
     with pytest.raises(ScheduleError, match="max_steps changed from 8 to 6"):
         run_stage(tiny_config(workdir, *wsd, "train.max_steps=6"), "pretrain")
-    assert is_complete(cfg, "pretrain")
+    assert is_done(cfg, "pretrain")
     capsys.readouterr()
     assert run_stage(cfg, "pretrain") is None  # complete, skipped
 
@@ -196,11 +196,19 @@ def test_outputs_deleted_after_a_stage_finished_are_made_again(tmp_path: Path, c
         assert main([stage, str(config)]) == 0
     shards = tmp_path / "w" / "shards"
     manifest = (shards / "manifest.json").read_bytes()
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    prep_stats = (tmp_path / "w" / "prep" / "stats.json").read_bytes()
+    assert main(["prep", str(config), f"data.val_inputs=[{notes}]"]) == 2  # refused while prep and shards stay
+    assert "`data.val_inputs`" in capsys.readouterr().err and (shards / "manifest.json").read_bytes() == manifest
+    assert (tmp_path / "w" / "prep" / "stats.json").read_bytes() == prep_stats
     victim = sorted(shards.glob("val/*.arrow"))[0]
     victim.unlink()
+    assert slurm_main(["complete", str(config), "shard"]) == 1  # a Slurm job would run the stage too
     capsys.readouterr()
     assert main(["shard", str(config)]) == 0
-    assert f"[shard] running again: {victim} is missing" in capsys.readouterr().out
+    assert f"[shard] running again: {shards / 'manifest.json'} lists shard val/{victim.name}, but {victim} is missing" \
+        in capsys.readouterr().out
     assert victim.is_file() and (shards / "manifest.json").read_bytes() == manifest  # the same shards again
 
     for out in (tmp_path / "w" / "prep" / "output").iterdir():

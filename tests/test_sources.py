@@ -17,8 +17,7 @@ from train_helpers import SHARED, TINY
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.core import identity
-from pipeline.core.runner import run_stage
+from pipeline.core.runner import is_done, run_stage
 from training.mixed_loader import MixedLoader
 
 WEB = SHARED / "web" / "ccnet" / "*.jsonl"  # 20 English web pages (CCNet)
@@ -169,17 +168,17 @@ def test_val_bpb_per_source_in_mlflow_and_the_summary_says_the_epochs(run: dict)
 
 def test_editing_a_source_reruns_prep_and_new_weights_only_pretraining(run: dict) -> None:
     cfg, zh = run["cfg"], run["zh"]
-    assert all(identity.is_complete(cfg, s) for s in ("prep", "tokenizer", "shard", "pretrain"))
+    assert all(is_done(cfg, s) for s in ("prep", "tokenizer", "shard", "pretrain"))
     reweighted = load_config(None, overrides(run["workdir"], zh, web_weight=0.5))
-    assert [identity.is_complete(reweighted, s) for s in ("prep", "tokenizer", "shard", "pretrain")] == \
+    assert [is_done(reweighted, s) for s in ("prep", "tokenizer", "shard", "pretrain")] == \
         [True, True, True, False]
     text = zh.read_text(encoding="utf-8")
     try:
         zh.write_text(text + "\n第一百回　径回东土　五圣成真\n", encoding="utf-8")
-        assert not identity.is_complete(cfg, "prep")
+        assert not is_done(cfg, "prep")
     finally:
         zh.write_text(text, encoding="utf-8")
-    assert identity.is_complete(cfg, "prep")
+    assert is_done(cfg, "prep")
 
 
 @pytest.mark.parametrize(("data", "key"), [

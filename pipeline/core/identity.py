@@ -177,11 +177,6 @@ def upstream_digest(cfg: Config, name: str) -> str:
     return f"pending:{current.hash}"
 
 
-def is_complete(cfg: Config, name: str) -> bool:
-    marker = read_marker(cfg, name)
-    return marker is not None and marker.get("hash") == compute(cfg, name).hash
-
-
 def explain(old: dict[str, Any] | None, new: Identity, sections: tuple[str, ...]) -> str:
     """Why a stage recorded with `old` parts must run again, in words."""
     if not old:

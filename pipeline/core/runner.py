@@ -3,9 +3,10 @@
     run_stage(cfg, name)
       1. complete?       the marker's identity is today's (config, inputs, upstream outputs) and the outputs are
                          still there (the stage's verify hook): skip
-      2. lock            <workdir>/scratchgpt.lock (rank 0; re-entrant inside `scratchgpt run`)
-      3. check           the stage's own refusals (bad input names, a schedule that cannot continue), and a
-                         tracking server that does not answer, while earlier outputs are still whole
+      2. reachable       a tracking server that does not answer stops here (rank 0), before any waiting
+      3. lock + check    <workdir>/scratchgpt.lock (rank 0; re-entrant inside `scratchgpt run`), then the stage's
+                         own refusals (bad input names, a schedule that cannot continue) while earlier outputs
+                         are still whole
       4. clean or resume same identity as the interrupted run: resume; another (or --force): remove the outputs
       5. MLflow run      the stage's sections as params, its tags; an interrupted stage reopens its run
       6. the work        spec.entry(ctx) -> summary (raises StageStopped to stop for a requeue)
@@ -106,7 +107,7 @@ class Plan:
     """What the runner will do with a stage's earlier outputs, decided before anything is touched."""
 
     resumed: bool  # continue them (an interrupted run of this identity, or outputs the stage can carry on from)
-    why: str = ""  # why the stage runs again, when an earlier run left a marker of another identity
+    why: str = ""  # what changed since the earlier run's marker (printed whether it continues or runs again)
 
 
 def decide(cfg: Config, spec: StageSpec, ident: identity.Identity, force: bool) -> Plan:
@@ -142,7 +143,7 @@ def outputs_problem(cfg: Config, spec: StageSpec, marker: dict[str, Any]) -> str
         return ""
     try:
         return verify(cfg, marker) or ""
-    except (OSError, ValueError, KeyError, ScratchgptError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ScratchgptError) as exc:  # a hand-edited file
         return f"its outputs are missing or unreadable since it finished ({exc})"
 
 
@@ -186,6 +187,7 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
     dist = DistEnv.from_config(cfg)
     ident = identity.compute(cfg, name)
     marker = identity.read_marker(cfg, name)
+    redo = "--force" if force else ""
     if not force and marker is not None and marker.get("hash") == ident.hash:
         problem = outputs_problem(cfg, spec, marker)
         if not problem:
@@ -194,10 +196,11 @@ def run_stage(cfg: Config, name: str, force: bool = False) -> dict[str, Any] | N
             return None
         if dist.is_main:
             print(f"[{name}] running again: {problem}", flush=True)
-        force = force or not spec.repair_resumes  # broken outputs are not continued, unless the stage can
+        if not spec.repair_resumes:  # broken outputs are not continued, unless the stage can
+            force, redo = True, f"a redo ({problem})"
     check_upstream(cfg, spec)
     if force and dist.is_distributed:
-        raise ScratchgptError(f"--force with {dist.world_size} processes: other ranks could read what rank 0 "
+        raise ScratchgptError(f"{redo} with {dist.world_size} processes: other ranks could read what rank 0 "
                               f"removes; run `scratchgpt {name} CONFIG --force` once on one process or delete "
                               f"{Path(cfg.workdir) / name}, then launch")
     if dist.is_main:  # the other ranks would race rank 0's clean-up of the same folder

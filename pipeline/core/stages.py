@@ -110,7 +110,7 @@ register(StageSpec(
 register(StageSpec(
     "finetune", ("finetune", "custom_import"), ("pretrain",), "pipeline.stages.finetune:run",
     "fine-tune the pretrained model on each task in finetune.tasks",
-    inputs="pipeline.stages.finetune:input_files", template="finetune",
+    inputs="pipeline.stages.finetune:input_files", template="finetune", verify="pipeline.stages.finetune:verify",
     flags=(("--from-scratch", "finetune.from_scratch=true",
             "train the same architecture from random weights (the no-pretraining baseline)"),
            ("--vs-scratch", "finetune.vs_scratch=true",

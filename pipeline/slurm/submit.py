@@ -63,12 +63,12 @@ def _sbatch(script: Path, dependency: list[str]) -> str:
 def plan(cfg: Config) -> tuple[list[JobScript], list[str]]:
     """The scripts of the stages still to run, and the stages skipped as complete. Renders all before any submit,
     so a bad value fails before anything is queued."""
-    from pipeline.core.identity import is_complete
+    from pipeline.core.runner import is_done
     from pipeline.core.stages import STAGES
 
     scripts, skipped = [], []
     for name in STAGES:
-        if is_complete(cfg, name):
+        if is_done(cfg, name):
             skipped.append(name)
         else:
             scripts.append(render(cfg, name))
@@ -233,7 +233,7 @@ def _describe(stage: str, entry: dict[str, str], state: dict[str, str] | None) -
 
 
 def status(workdir: Path) -> list[StageStatus]:
-    from pipeline.core.identity import is_complete
+    from pipeline.core.runner import is_done
     from pipeline.core.stages import STAGES
 
     workdir = Path(workdir)
@@ -245,7 +245,7 @@ def status(workdir: Path) -> list[StageStatus]:
     result = []
     for name in STAGES:
         entry = record["stages"].get(name)
-        if is_complete(cfg, name):
+        if is_done(cfg, name):
             result.append(StageStatus(name, "complete", entry["job_id"] if entry else None,
                                       "" if entry else "before this submission"))
         elif entry is None:
@@ -285,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "task":
         return run_task(args.stage, args.config)
-    from pipeline.core.identity import is_complete
+    from pipeline.core.runner import is_done
 
     try:
-        return 0 if is_complete(load_config(args.config), args.stage) else 1
+        return 0 if is_done(load_config(args.config), args.stage) else 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

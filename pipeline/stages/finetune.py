@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,17 @@ def seeds(cfg: Config, task: Any) -> list[int]:
     return [first + k for k in range(cfg.finetune.seeds)]
 
 
+def verify(cfg: Config, marker: dict[str, Any]) -> str:
+    """Every task, arm and seed still has its results (a deleted result folder is trained again)."""
+    for task in cfg.finetune.tasks:
+        for seed in seeds(cfg, task):
+            for scratch in arms(cfg, task):
+                metrics = result_dir(cfg, task, scratch, seed) / "metrics.json"
+                if not metrics.is_file():
+                    return f"{metrics} is missing"
+    return ""
+
+
 def result_dir(cfg: Config, task: Any, scratch: bool, seed: int) -> Path:
     """The first seed's results sit in finetune/<task>[-scratch]; the others beside them, named by seed."""
     first = seeds(cfg, task)[0]
@@ -105,7 +116,8 @@ class TaskRun:
     eot: int
     finetuner: Any  # training.finetune.Finetuner
     examples: tuple[int, int]  # train, eval
-    empty_skipped: tuple[list[str], list[str]] = ([], [])  # train, eval: "file:line" of rows with empty text
+    empty_skipped: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))  # train, eval: "file:line"
+    # of the rows skipped for empty text
 
 
 def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, log: Any = None,
@@ -214,7 +226,7 @@ def check_task_keys(cfg: Config) -> None:
 
     # A value other than the default was asked for (a config snapshot writes the defaults back, so "set at all"
     # cannot tell).
-    defaults = {key: field.default for key, field in type(cfg.finetune.tasks[0]).model_fields.items()}
+    defaults = {key: spec.default for key, spec in type(cfg.finetune.tasks[0]).model_fields.items()}
     for i, task in enumerate(cfg.finetune.tasks):
         goal = objective(task_kind(task.kind).objective)
         for key, used in (("head_lr", goal.new_head), ("pooling", goal.pools)):

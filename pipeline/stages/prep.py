@@ -107,30 +107,34 @@ def check_outcome(ctx: StageContext, counts: dict[str, int], removed: Path) -> N
         ctx.warn(line.removeprefix("prep: "))
 
 
-def input_files(cfg: Config) -> list[str]:
-    """The input files the stage will read (globs expanded; `builtin:` names as they are): its identity."""
+def input_groups(cfg: Config) -> list[tuple[str, list[str]]]:
+    """(config key, its files) for each source, or for `data.inputs`; globs expanded, `builtin:` names as they are."""
     where = str(cfg.source or "<defaults>")
-    if cfg.data.sources:
-        return [f for i, s in enumerate(cfg.data.sources) for f in expand_inputs(s.inputs, f"data.sources.{i}.inputs",
-                                                                                  where)]
-    return expand_inputs(cfg.data.inputs, "data.inputs", where)
+    groups = ([(f"data.sources.{i}.inputs", s.inputs) for i, s in enumerate(cfg.data.sources)]
+              or [("data.inputs", cfg.data.inputs)])
+    return [(key, expand_inputs(patterns, key, where)) for key, patterns in groups]
+
+
+def input_files(cfg: Config) -> list[str]:
+    """The input files the stage will read: its identity."""
+    return [path for _, files in input_groups(cfg) for path in files]
 
 
 def check(cfg: Config, resumed: bool) -> None:
-    """Every input has a format prep reads (a glob that caught a README.md): refused before an earlier run's
-    outputs are removed."""
+    """Every input has a format prep reads (a glob that caught a README.md), and every `data.val_inputs` file one
+    the shard stage tokenizes: refused before an earlier run's outputs are removed."""
     from dataprep.readers import input_format
 
-    where = cfg.source or "<defaults>"
-    groups = ([(f"data.sources.{i}.inputs", s.inputs) for i, s in enumerate(cfg.data.sources)]
-              or [("data.inputs", cfg.data.inputs)])
-    for key, patterns in groups:
-        for path in expand_inputs(patterns, key, str(where)):
+    for key, files in input_groups(cfg):
+        for path in files:
             if not path.startswith(BUILTIN_PREFIX):
                 try:
                     input_format(path)
                 except ValueError as exc:
-                    raise PrepInputError(f"{where}: `{key}`: {exc}") from None
+                    raise PrepInputError(f"{cfg.source or '<defaults>'}: `{key}`: {exc}") from None
+    from pipeline.stages.shard import val_input_files
+
+    val_input_files(cfg)  # data.val_inputs is prep's section too: a change reruns prep, then shard would refuse
 
 
 def verify(cfg: Config, marker: dict[str, Any]) -> str:

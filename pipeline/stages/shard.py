@@ -42,20 +42,16 @@ def digest(cfg: Config) -> str:
 def verify(cfg: Config, marker: dict[str, Any]) -> str:
     """The manifest is the one this stage wrote and every shard it lists is there at its size (no hashing here:
     pretraining checks the shards' content as `shards.verify` says)."""
+    from dataprep.shard_verify import listed_shard_problem
     from dataprep.shards import read_manifest
 
     shards = workdir_of(cfg).shards
     manifest = read_manifest(shards)
     if marker.get("digest") and digest(cfg) != marker["digest"]:
         return f"{shards / 'manifest.json'} changed since it finished"
-    for split in manifest["splits"].values():
-        for shard in split.get("shards", []):
-            path = shards / shard["path"]
-            if not path.is_file():
-                return f"{path} is missing"
-            if "file_bytes" in shard and path.stat().st_size != shard["file_bytes"]:
-                return f"{path} is {path.stat().st_size} bytes, the manifest says {shard['file_bytes']}"
-    return ""
+    problems = (listed_shard_problem(shards, entry) for split in manifest["splits"].values()
+                for entry in split.get("shards", []))
+    return next((problem for problem in problems if problem), "")
 
 
 def run_substages(cfg: Config, stages: list[SubStage], logs: Path) -> dict[str, float]:
