@@ -11,13 +11,21 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 def _is_number(annotation: Any) -> bool:
-    """int or float, or a union of them with other types, but not one that also takes a bool or a literal
-    (`MinhashConfig | Literal[False]`), where `true`/`false` means something."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
-        annotation,)
-    if any(arg is bool or typing.get_origin(arg) is typing.Literal for arg in args):
+    """int, float or a literal of numbers (`zero_stage: Literal[0, 1, 2, 3]`), or a union holding one, but not a
+    union that also takes a bool (`MinhashConfig | Literal[False]`), where `true`/`false` means something."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
+    literals = [value for arg in args if typing.get_origin(arg) is typing.Literal for value in typing.get_args(arg)]
+    if any(arg is bool for arg in args) or any(isinstance(value, bool) for value in literals):
         return False
-    return any(arg in (int, float) for arg in args)
+    return any(arg in (int, float) for arg in args) or any(isinstance(value, int | float) for value in literals)
+
+
+def _numbers_inside(annotation: Any) -> bool:
+    """A tuple or list of numbers (`betas: tuple[float, float]`)."""
+    if typing.get_origin(annotation) not in (tuple, list):
+        return False
+    return all(_is_number(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
 
 
 class Section(BaseModel):
@@ -29,6 +37,11 @@ class Section(BaseModel):
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic would read `max_steps: true` as 1
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+        if field is None:
+            return value
+        if isinstance(value, bool) and _is_number(field.annotation):
             raise ValueError("expected a number, not a boolean")
+        if (isinstance(value, list | tuple) and any(isinstance(item, bool) for item in value)
+                and _numbers_inside(field.annotation)):
+            raise ValueError("expected numbers, not booleans")
         return value

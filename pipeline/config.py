@@ -211,8 +211,12 @@ def _utf8_text(source: Path) -> str:
                           f"(e.g. `iconv -f GB18030 -t UTF-8`)") from None
 
 
-def _yaml_error(source: Path, exc: yaml.YAMLError) -> ConfigError:
+def _yaml_error(source: Path, exc: yaml.YAMLError, text: str) -> ConfigError:
     """`file:line:col: problem`, the place an editor jumps to, instead of PyYAML's several-line report."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: PyYAML gives its place in characters
+        line = text[: exc.position].count("\n") + 1
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        return ConfigError(f"{source}:{line}: not valid YAML: {exc.reason} (U+{char:04X})")
     mark = getattr(exc, "problem_mark", None)
     if mark is None:
         return ConfigError(f"{source}: not valid YAML: {exc}")
@@ -230,7 +234,7 @@ def read_yaml(source: Path) -> Any:
             _check_unique_keys(node, source)
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise _yaml_error(source, exc) from None
+        raise _yaml_error(source, exc, text) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -249,7 +253,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _list_index(items: list[Any], key: str, keys: list[str], i: int, source: str) -> int:
     """`data.sources.0`: a list item by its position, which must exist (an override edits, it does not append)."""
     where = ".".join(keys[:i])
-    if not key.isdigit():
+    if not key.isdecimal() or not key.isascii():
         raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{where}` is a list; name an item by its "
                           f"position, e.g. `{where}.0`")
     if int(key) >= len(items):

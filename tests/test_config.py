@@ -108,6 +108,12 @@ def test_a_yaml_error_says_file_line_and_column(tmp_path: Path) -> None:
         load_config(write(tmp_path, "workdir: runs/x\ntrain:\n  lr: 1: 2\n"))
 
 
+def test_a_control_character_in_the_config_names_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cfg\.yaml:3: not valid YAML: special characters are not allowed "
+                                          r"\(U\+0007\)"):
+        load_config(write(tmp_path, "workdir: runs/x\ntrain:\n  optimizer: adam\x07w\n"))
+
+
 def test_an_empty_config_file_is_refused_rather_than_running_the_demo(tmp_path: Path) -> None:
     for text in ("", "# only a comment\n"):
         with pytest.raises(ConfigError, match="is empty"):
@@ -123,7 +129,7 @@ def test_a_floor_above_the_peak_learning_rate_is_refused(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("override", ["train.lr=.nan", "train.max_minutes=.inf", "prep.workers=true",
-                                      "train.max_steps=false"])
+                                      "train.max_steps=false", "train.zero_stage=true", "train.betas=[true, 0.9]"])
 def test_non_finite_floats_and_booleans_for_numbers_are_refused(tmp_path: Path, override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"`{key}`"):
