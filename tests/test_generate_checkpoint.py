@@ -81,3 +81,14 @@ def test_one_step_folder_generates_what_its_export_does(trained, tmp_path):
     from_latest = scratchgpt("generate", "--model", str(ckpts), *common)
     assert from_step.returncode == 0, from_step.stderr[-2000:]
     assert from_step.stdout == from_export.stdout != from_latest.stdout
+
+
+def test_a_relative_model_path_from_inside_the_checkpoints_finds_the_workdir(trained, monkeypatch):
+    from pipeline.commands.generate import resolve_model
+
+    ckpts = trained / "pretrain" / "checkpoints"
+    oldest = sorted(p for p in ckpts.glob("step_*") if p.is_dir())[0]
+    monkeypatch.chdir(oldest)
+    assert resolve_model(Path(".")) == ("checkpoint", ckpts.resolve(), oldest.name)
+    monkeypatch.chdir(ckpts)
+    assert resolve_model(Path(".")) == ("checkpoint", ckpts.resolve(), None)

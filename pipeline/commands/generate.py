@@ -61,6 +61,7 @@ def resolve_model(path: Path) -> tuple[str, Path, str | None]:
     listing what was looked for."""
     if not path.exists():
         raise GenerateArgError(f"--model {path} does not exist")
+    path = path.resolve()  # `--model .` inside a checkpoint folder still has the workdir above it
     ckpt_dir, tag = split_checkpoint_arg(path)
     if tag is not None:  # one step_* folder, as `export` takes it
         return "checkpoint", ckpt_dir, tag

@@ -66,7 +66,7 @@ def read_lines(source: BinaryIO, name: str) -> list[str]:
 def _source(file: Path | None) -> BinaryIO:
     if file is None:
         return sys.stdin.buffer
-    if not file.is_file():
+    if not file.exists() or file.is_dir():  # a pipe (`--file <(cmd)`, /dev/stdin) is fine
         raise PredictInputError(f"--file {file}: {'a folder, not a file' if file.is_dir() else 'no such file'}")
     return file.open("rb")
 
