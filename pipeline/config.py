@@ -279,13 +279,17 @@ def apply_override(tree: dict[str, Any], keys: list[str], value: Any, source: st
             node[key] = value
             break
         child = node.get(key)
+        if child is None and keys[i + 1].isdecimal():
+            raise ConfigError(f"{source}: override `{'.'.join(keys)}`: `{'.'.join(keys[: i + 1])}` is not in the "
+                              f"config, so it has no item {keys[i + 1]}; set the whole list in the file")
         if child is None or child is False or child is True:  # an absent or switched section: start it
             child = node[key] = {}
         node = child
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read, override and validate a config. `path=None` gives the defaults."""
+def load_config(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """Read, override and validate a config. `path=None` gives the defaults. `check_files=False` skips the check
+    that its input and task files exist, for commands that only read what the runs left (`scratchgpt runs`)."""
     tree: dict[str, Any] = {}
     source = Path(path) if path is not None else Path("<defaults>")
     if path is not None:
@@ -305,7 +309,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
     cfg.source = source if path is not None else None
-    check_inputs(cfg)
+    if check_files:
+        check_inputs(cfg)
     import_custom(cfg.custom_import, str(source))
     return cfg
 

@@ -160,3 +160,5 @@ finetune:
         load_config(path, ["data.sources.2.weight=0.5"])
     with pytest.raises(ConfigError, match=r"`data\.sources` is a list; name an item by its position"):
         load_config(path, ["data.sources.a.weight=0.5"])
+    with pytest.raises(ConfigError, match=r"`finetune\.tasks` is not in the config, so it has no item 0"):
+        load_config(write(tmp_path, "workdir: runs/x\n"), ["finetune.tasks.0.max_steps=5"])

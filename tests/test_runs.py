@@ -489,3 +489,16 @@ def test_runs_and_lineage_of_the_real_stages(tmp_path: Path, capsys) -> None:
     lin = json.loads(out)
     assert lin["shards"]["sha256"] == lin["shards"]["recorded_sha256"] == manifest
     assert any("now holds the model of run" in w for w in lin["warnings"])
+
+
+def test_runs_needs_the_store_not_the_raw_data(tmp_path: Path) -> None:
+    """Raw inputs deleted (or on another machine) after the runs: `scratchgpt runs CONFIG` still finds the store."""
+    from pipeline.runs.store import resolve_tracking_uri
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\ndata:\n  inputs: [{tmp_path / 'gone.jsonl'}]\n"
+                      f"tracking:\n  experiment: mine\n")
+    with pytest.raises(Exception, match="gone.jsonl"):
+        load_config(config)  # the stages still refuse it
+    uri, experiment = resolve_tracking_uri(config, [], None)
+    assert uri == f"sqlite:///{(tmp_path / 'w' / 'mlflow.db').resolve()}" and experiment == "mine"

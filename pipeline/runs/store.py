@@ -51,7 +51,7 @@ def resolve_tracking_uri(config: Path | None, overrides: list[str], uri: str | N
     experiment = None
     cfg = None
     if config is not None:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, check_files=False)  # the raw data may be gone; the runs are not
         experiment = cfg.tracking.experiment
     if uri:
         return uri, experiment
