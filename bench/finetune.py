@@ -3,7 +3,7 @@ classification task in ../shared/data: SST-2 (English) and online_shopping (Chin
 
     .venv/bin/python bench/finetune.py [--tasks sst2,shop] [--seeds 3] [--root runs/bench-finetune]
                                        [--task-set KEY=VALUE ...] [--arms both|pretrained|scratch] [--fresh]
-                                       [KEY.PATH=VALUE ...]
+                                       [--labelled ROWS] [KEY.PATH=VALUE ...]
 
 Per task, in <root>/<task>:
 1. Pretrains (prep -> tokenizer -> shard -> pretrain, the real stages) on unlabelled text: the
@@ -19,6 +19,10 @@ Per task, in <root>/<task>:
 3. Fits TF-IDF + logistic regression on the same split: word unigrams for SST-2, character
    unigrams+bigrams for the reviews (no segmenter needed).
 
+`--labelled ROWS` fine-tunes (and fits TF-IDF) on ROWS train rows drawn at random, as task
+`<task>-<ROWS>`, while pretraining still reads every train text without its label: the setting
+GPT-1 was made for, few labels beside much unlabelled text of the same kind.
+
 Prints one JSON line per figure. A rerun with the same root reuses the finished pretraining.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -74,9 +79,9 @@ class Bench:
     weights: dict[str, float] = field(default_factory=dict)
     sources: dict[str, list[Path]] = field(default_factory=dict)
 
-    def task(self) -> dict[str, Any]:
+    def task(self, train: Path | None = None, name: str | None = None) -> dict[str, Any]:
         """The task as a user writes it: files and columns, no hyperparameters."""
-        return {"name": self.name, "kind": "classification", "train": str(self.folder / "train.tsv"),
+        return {"name": name or self.name, "kind": "classification", "train": str(train or self.folder / "train.tsv"),
                 "eval": str(self.folder / "dev.tsv"), "text_key": self.text_key, "eval_text_key": self.eval_text_key,
                 "label_key": "label"}
 
@@ -125,16 +130,29 @@ def write_task_text(bench: Bench, path: Path, per_doc: int = 50) -> int:
     return len(texts)
 
 
+def write_labelled_sample(bench: Bench, rows: int, path: Path, seed: int = 0) -> Path:
+    """`rows` labelled train rows drawn at random (`seed`), in file order, header kept: a task with fewer labels.
+
+    Rows are taken as lines, so the sample is exactly the file's own rows (TSV with one row per line)."""
+    header, *lines = (bench.folder / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    if not 0 < rows <= len(lines):
+        raise SystemExit(f"--labelled {rows}: {bench.folder / 'train.tsv'} has {len(lines)} rows")
+    keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "".join(lines[i] for i in keep), encoding="utf-8")
+    return path
+
+
 def read_dev(bench: Bench) -> list[Any]:
     return read_classification(bench.folder / "dev.tsv", bench.eval_text_key, "label")
 
 
-def tfidf_predictions(bench: Bench, dev: list[Any]) -> list[Any]:
-    """TF-IDF + logistic regression fitted on train: its label for each of the `dev` examples, in order."""
+def tfidf_predictions(bench: Bench, dev: list[Any], train_file: Path | None = None) -> list[Any]:
+    """TF-IDF + logistic regression fitted on train (or `train_file`): its label for each `dev` example, in order."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    train = read_classification(bench.folder / "train.tsv", bench.text_key, "label")
+    train = read_classification(train_file or bench.folder / "train.tsv", bench.text_key, "label")
     options = dict(bench.tfidf)
     strength = options.pop("C", 1.0)
     vec = TfidfVectorizer(**options)
@@ -143,9 +161,9 @@ def tfidf_predictions(bench: Bench, dev: list[Any]) -> list[Any]:
     return list(clf.predict(vec.transform([e.text for e in dev])))
 
 
-def tfidf_baseline(bench: Bench) -> float:
+def tfidf_baseline(bench: Bench, train_file: Path | None = None) -> float:
     dev = read_dev(bench)
-    pred = tfidf_predictions(bench, dev)
+    pred = tfidf_predictions(bench, dev, train_file)
     return sum(p == e.label for p, e in zip(pred, dev, strict=True)) / len(dev)
 
 
@@ -176,16 +194,20 @@ def pretrain(cfg: Any, workdir: Path) -> None:
     emit(figure="data_and_pretrain_wall_s", value=round(time.time() - started, 1), reused_stages=reused)
 
 
-def finetune(bench: Bench, overrides: list[str], task_set: dict[str, Any], seeds: int, arms: str) -> dict:
-    """Both arms (or one) over `seeds` seeds through the finetune stage; the comparison it wrote."""
-    task = {**bench.task(), **task_set}
+def finetune(bench: Bench, overrides: list[str], task_set: dict[str, Any], seeds: int, arms: str,
+             train: Path | None = None, name: str | None = None) -> dict:
+    """Both arms (or one) over `seeds` seeds through the finetune stage; the comparison it wrote.
+
+    `train` and `name`: another labelled train file (a sample of the task's), under another task name."""
+    name = name or bench.name
+    task = {**bench.task(train, name), **task_set}
     arm_keys = {"both": ["finetune.vs_scratch=true"], "pretrained": [], "scratch": ["finetune.from_scratch=true"]}
     cfg = load_config(None, [*overrides, f"finetune.tasks=[{json.dumps(task, ensure_ascii=False)}]",
                              f"finetune.seeds={seeds}", *arm_keys[arms]])
     started = time.time()
     run_stage(cfg, "finetune", force=True)
     spec = cfg.finetune.tasks[0]
-    result = (json.loads((Path(cfg.workdir) / "finetune" / f"{bench.name}-comparison.json").read_text())
+    result = (json.loads((Path(cfg.workdir) / "finetune" / f"{name}-comparison.json").read_text())
               if arms == "both" else {"runs": []})
     if arms != "both":
         for seed in seeds_of(cfg, spec):
@@ -213,23 +235,31 @@ def main() -> int:
     parser.add_argument("--arms", choices=("both", "pretrained", "scratch"), default="both",
                         help="both (the benchmark); one arm alone, e.g. the pretrained one after a change to "
                              "pretraining (the scratch arm does not depend on it)")
+    parser.add_argument("--labelled", type=int, metavar="ROWS",
+                        help="fine-tune on ROWS labelled train rows drawn at random (pretraining still reads every "
+                             "train text, unlabelled): how the gain grows when labels are few")
     parser.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="config overrides (model, train, ...)")
     args = parser.parse_args()
     task_set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.task_set)}
     for name in args.tasks.split(","):
         bench = BENCHES[name]
-        tfidf = tfidf_baseline(bench)
-        emit(figure=f"{name}_dev_accuracy_tfidf_logreg", value=round(tfidf, 4), reference=bench.reference)
+        workdir = args.root / name
+        if args.fresh and not args.tfidf_only and workdir.exists():
+            shutil.rmtree(workdir)
+        train = None
+        if args.labelled:  # the labels are fewer; pretraining below still reads every train text, unlabelled
+            train = write_labelled_sample(bench, args.labelled, workdir / "labelled" / f"train-{args.labelled}.tsv")
+            name = f"{name}-{args.labelled}"
+        tfidf = tfidf_baseline(bench, train)
+        emit(figure=f"{name}_dev_accuracy_tfidf_logreg", value=round(tfidf, 4),
+             reference=bench.reference if train is None else f"fitted on the same {args.labelled} rows")
         if args.tfidf_only:
             continue
-        workdir = args.root / name
-        if args.fresh and workdir.exists():
-            shutil.rmtree(workdir)
         overrides = overrides_for(bench, workdir, args.overrides, args.weighted_mix)
         pretrain(load_config(None, overrides), workdir)
         if args.pretrain_only:
             continue
-        result = finetune(bench, overrides, task_set, args.seeds, args.arms)
+        result = finetune(bench, overrides, task_set, args.seeds, args.arms, train, name)
         for run in result["runs"]:
             emit(figure=f"{name}_dev_accuracy", arm=run["arm"], seed=run["seed"], value=round(run["eval_accuracy"], 4))
         if args.arms != "both":
