@@ -1,4 +1,5 @@
-"""Fine-tuning options: a separate head rate, layer-wise decay, mean pooling and its export, and --vs-scratch."""
+"""Fine-tuning options: a separate head rate, layer-wise decay, mean pooling and its export, the epoch budget, and
+--vs-scratch."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from train_helpers import cli_env
 from pipeline.core.runner import run_stage
 from training.classifier import load_classifier
 from training.config import TaskConfig
-from training.finetune import task_lr_ratio
+from training.finetune import planned_steps, task_lr_ratio
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés", "fine", ""]
 
@@ -171,6 +172,36 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
         assert (lin.model.get("finetuned_from") == "random weights") == (arm == "scratch"), name
         if arm == "scratch":  # by run too: its own folder, not the first seed's
             assert lineage(run.info.run_id, store).model["path"] == str((folder / name).resolve())
+
+
+def test_epochs_of_the_examples_set_a_pretrained_runs_steps_up_to_max_steps() -> None:
+    task = TaskConfig(name="t", train="a.tsv", eval="b.tsv", max_steps=2000)  # epochs 3, the default
+    assert planned_steps(task, 1000, 32, pretrained=True) == 93  # 31 full batches an epoch (the tail is cut)
+    assert planned_steps(task, 36_029, 32, pretrained=True) == 2000  # 3 epochs would be 3,378 steps
+    assert planned_steps(task, 1000, 64, pretrained=True) == 45  # two processes of 32: the global batch counts
+    assert planned_steps(task, 1000, 32, pretrained=False) == 2000  # from random weights: max_steps
+    assert planned_steps(task.model_copy(update={"epochs": None}), 1000, 32, pretrained=True) == 2000
+    assert planned_steps(task.model_copy(update={"epochs": 0.01}), 40, 32, pretrained=True) == 1  # never 0
+
+
+def test_the_pretrained_arm_trains_its_epochs_and_the_scratch_arm_max_steps(tmp_path: Path, pretrained: Path,  # noqa: F811
+                                                                           capsys) -> None:
+    """600 examples in batches of 16 are 37 steps an epoch: half an epoch is 19 steps, under max_steps 30."""
+    cfg = _config(tmp_path, pretrained, "finetune.vs_scratch=true", "finetune.tasks.0.epochs=0.5",
+                  "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=64", steps=30)
+    run_stage(cfg, "finetune", force=True)
+    out = capsys.readouterr().out
+    assert "[finetune sst2] 19 steps: 0.5 epochs of 600 training examples" in out
+    assert "[finetune sst2 (from scratch)] 30 steps: max_steps; from random weights, epochs does not apply" in out
+    folder = tmp_path / "work" / "finetune"
+    for name, steps in (("sst2", 19), ("sst2-scratch", 30)):
+        metrics = json.loads((folder / name / "metrics.json").read_text())
+        assert metrics["summary"]["planned_steps"] == steps, name
+        assert metrics["history"][-1]["step"] == steps, name  # the last evaluation ends the run
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'work' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("scratchgpt").experiment_id])
+    steps = {r.data.tags["arm"]: r.data.params["task.planned_steps"] for r in runs if "arm" in r.data.tags}
+    assert steps == {"pretrained": "19", "scratch": "30"}
 
 
 def test_vs_scratch_and_from_scratch_together_is_one_clear_error(tmp_path: Path) -> None:

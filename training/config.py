@@ -122,6 +122,11 @@ class TaskConfig(Section):
         "left", description="Texts longer than block_size keep their end (left) or their start (right)."
     )
     max_steps: int = Field(2000, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
+    epochs: float | None = Field(
+        3.0, gt=0, description="From a pretrained model: passes over the training examples, at most max_steps "
+        "(GPT-1 fine-tuned for 3; more passes over a small task overfit it: bench/finetune.py --labelled). The "
+        "learning-rate schedule spans these steps. The scratch arm ignores it: from random weights a model needs "
+        "many passes, so it trains up to max_steps with early stopping. null: max_steps alone.")
     micro_batch_size: int = Field(32, ge=1, description="Examples per process per step.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar lengths together (from pools of 50 shuffled batches), so "

@@ -71,6 +71,17 @@ def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int, group_b
     return batches
 
 
+def planned_steps(task: TaskConfig, examples: int, global_batch: int, pretrained: bool) -> int:
+    """The task's optimizer steps: `epochs` passes over its `examples` from a pretrained model, at most max_steps.
+
+    An epoch is the full batches of the shuffled examples (epoch_batches cuts the tail). A scratch model keeps
+    max_steps: it learns everything from the labels, and its early stopping ends it when it stops improving."""
+    if not pretrained or task.epochs is None:
+        return task.max_steps
+    per_epoch = max(1, examples // global_batch)
+    return max(1, min(task.max_steps, math.ceil(task.epochs * per_epoch)))
+
+
 def task_schedule(task: TaskConfig) -> dict[str, Any]:
     """The task's learning-rate schedule, as training.schedule.lr_at takes it: warm-up, cosine decay to lr/10."""
     return {"lr": task.lr, "min_lr": task.lr / 10,

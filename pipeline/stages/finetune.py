@@ -121,13 +121,15 @@ class TaskRun:
 
 
 def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, log: Any = None,
-                   progress: Any = None) -> TaskRun:
-    """The task's data, model and DeepSpeed engine for one arm and seed."""
+                   progress_label: str | None = None) -> TaskRun:
+    """The task's data, model and DeepSpeed engine for one arm and seed. The task it holds has the run's own
+    max_steps (`epochs` of this arm's examples, see training.finetune.planned_steps)."""
     import torch
 
     from training.engine import build_engine
-    from training.finetune import Finetuner, task_lr_ratio, task_train_config
+    from training.finetune import Finetuner, planned_steps, task_lr_ratio, task_train_config
     from training.objectives import objective
+    from training.progress import Progress
     from training.tasks import empty_skipped, task_kind
 
     init = init_folder(cfg)
@@ -140,6 +142,9 @@ def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, 
     torch.manual_seed(seed)
     gpt, gpt_config = _base_model(cfg, init, scratch, tokenizer.get_vocab_size())
     prepared = goal.prepare(tokenizer, train_ex, eval_ex, task, gpt_config.block_size, eot)
+    steps = planned_steps(task, len(prepared.train.ids), task.micro_batch_size * dist.world_size, not scratch)
+    task = task.model_copy(update={"max_steps": steps})
+    progress = Progress(progress_label, steps, enabled=dist.is_main) if progress_label else None
     model = goal.model(gpt, gpt_config, prepared)
     eng = build_engine(model, task_train_config(cfg.train, task), dist,
                        lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
@@ -151,21 +156,21 @@ def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, 
 
 def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bool, seed: int) -> dict[str, Any]:
     from training.finetune import write_json
-    from training.progress import Progress
 
     cfg = ctx.cfg
     label = f"finetune {task.name}{' (from scratch)' if scratch else ''}" + (
         f" seed {seed}" if cfg.finetune.seeds > 1 else "")
-    progress = Progress(label, task.max_steps, enabled=dist.is_main)
-    built = build_task_run(cfg, task, dist, scratch, seed, log, progress)
+    built = build_task_run(cfg, task, dist, scratch, seed, log, label)
     warn_empty_skipped(ctx, task.name, built.empty_skipped)
+    if dist.is_main:
+        print(f"[{label}] {budget_line(task, built.task.max_steps, built.examples[0], scratch)}", flush=True)
     task, init, goal, prepared, gpt_config, eot = (built.task, built.init, built.goal, built.prepared,
                                                    built.gpt_config, built.eot)
     result = built.finetuner.run()
     out = result_dir(cfg, task, scratch, seed)
     summary = {**result.metrics, "train_examples": built.examples[0], "eval_examples": built.examples[1],
                "train_empty_skipped": len(built.empty_skipped[0]), "eval_empty_skipped": len(built.empty_skipped[1]),
-               "from_scratch": scratch, "seed": seed}
+               "planned_steps": task.max_steps, "from_scratch": scratch, "seed": seed}
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
         goal.export(result.best_state, gpt_config, prepared, tok_dir, out / "export", task, eot)
@@ -173,6 +178,19 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
             write_json(out / name, body)
         write_json(out / "metrics.json", {"summary": summary, "history": result.history})
     return summary
+
+
+def budget_line(task: Any, steps: int, examples: int, scratch: bool) -> str:
+    """Why the run takes the steps it does: `epochs` of the examples, or max_steps."""
+    if task.epochs is None:
+        why = "max_steps"
+    elif scratch:
+        why = "max_steps; from random weights, epochs does not apply"
+    elif steps < task.max_steps:
+        why = f"{task.epochs:g} epochs of {examples:,} training examples"
+    else:
+        why = f"max_steps, reached before {task.epochs:g} epochs of {examples:,} training examples"
+    return f"{steps:,} steps: {why}"
 
 
 def warn_empty_skipped(ctx: StageContext, name: str, skipped: tuple[list[str], list[str]]) -> None:
@@ -282,7 +300,8 @@ def _tracked_task(ctx: StageContext, task: Any, dist: Any, scratch: bool, seed: 
         summary = finetune_task(ctx, task, dist, log, scratch, seed)
         if run is not None:
             # The arm and seed this run is, whichever key said so.
-            params = {**task.model_dump(), "from_scratch": scratch, "seed": seed}
+            params = {**task.model_dump(), "planned_steps": summary["planned_steps"], "from_scratch": scratch,
+                      "seed": seed}
             mlflow.log_params({f"task.{k}": v for k, v in params.items()}, run_id=run.info.run_id)
             for path in sorted(result_dir(cfg, task, scratch, seed).glob("*.json")):
                 mlflow.log_artifact(str(path), run_id=run.info.run_id)
