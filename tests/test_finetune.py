@@ -222,7 +222,7 @@ def test_sft_learns_responses_with_loss_on_response_tokens_only(tmp_path: Path, 
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[160:]))
     task = {"name": "sst2-sft", "kind": "sft", "train": str(tmp_path / "train.jsonl"),
             "eval": str(tmp_path / "eval.jsonl"), "max_steps": 40, "micro_batch_size": 16, "lr": 1e-2,
-            "eval_every": 20, "patience": 5}
+            "eval_every": 20, "patience": 5, "epochs": None}  # 40 steps (3 epochs of 160 would be 30)
     cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"finetune.init_from={pretrained / 'export'}",
                              f"finetune.tasks=[{json.dumps(task)}]", "train.precision=fp32"])
     summary = run_stage(cfg, "finetune", force=True)["sst2-sft"]

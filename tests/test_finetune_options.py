@@ -18,7 +18,7 @@ from train_helpers import cli_env
 from pipeline.core.runner import run_stage
 from training.classifier import load_classifier
 from training.config import TaskConfig
-from training.finetune import planned_steps, task_lr_ratio
+from training.finetune import Budget, plan_budget, task_lr_ratio
 
 TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés", "fine", ""]
 
@@ -176,12 +176,18 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
 
 def test_epochs_of_the_examples_set_a_pretrained_runs_steps_up_to_max_steps() -> None:
     task = TaskConfig(name="t", train="a.tsv", eval="b.tsv", max_steps=2000)  # epochs 3, the default
-    assert planned_steps(task, 1000, 32, pretrained=True) == 93  # 31 full batches an epoch (the tail is cut)
-    assert planned_steps(task, 36_029, 32, pretrained=True) == 2000  # 3 epochs would be 3,378 steps
-    assert planned_steps(task, 1000, 64, pretrained=True) == 45  # two processes of 32: the global batch counts
-    assert planned_steps(task, 1000, 32, pretrained=False) == 2000  # from random weights: max_steps
-    assert planned_steps(task.model_copy(update={"epochs": None}), 1000, 32, pretrained=True) == 2000
-    assert planned_steps(task.model_copy(update={"epochs": 0.01}), 40, 32, pretrained=True) == 1  # never 0
+    assert plan_budget(task, 1000, 32, pretrained=True) == Budget(
+        93, "3 epochs of 1,000 training examples in batches of 32")  # 31 full batches an epoch: the tail is cut
+    assert plan_budget(task, 36_029, 32, pretrained=True) == Budget(
+        2000, "max_steps, reached before 3 epochs of 36,029 training examples in batches of 32 (3,375 steps)")
+    assert plan_budget(task, 1000, 64, pretrained=True).steps == 45  # two processes of 32: the global batch counts
+    assert plan_budget(task, 1000, 32, pretrained=False) == Budget(
+        2000, "max_steps; from random weights, epochs does not apply")
+    assert plan_budget(task.model_copy(update={"epochs": None}), 1000, 32, pretrained=True) == Budget(2000, "max_steps")
+    one = plan_budget(task.model_copy(update={"epochs": 1.0}), 3200, 32, pretrained=True)
+    assert one == Budget(100, "1 epoch of 3,200 training examples in batches of 32")
+    assert plan_budget(task.model_copy(update={"epochs": 1.1}), 3200, 32, pretrained=True).steps == 110  # not 111
+    assert plan_budget(task.model_copy(update={"epochs": 1e-9}), 40, 32, pretrained=True).steps == 1  # never 0
 
 
 def test_the_pretrained_arm_trains_its_epochs_and_the_scratch_arm_max_steps(tmp_path: Path, pretrained: Path,  # noqa: F811
@@ -191,7 +197,9 @@ def test_the_pretrained_arm_trains_its_epochs_and_the_scratch_arm_max_steps(tmp_
                   "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=64", steps=30)
     run_stage(cfg, "finetune", force=True)
     out = capsys.readouterr().out
-    assert "[finetune sst2] 19 steps: 0.5 epochs of 600 training examples" in out
+    assert "[finetune sst2] 19 steps: 0.5 epochs of 600 training examples in batches of 16" in out
+    # max_steps 30 was asked for, and epochs ends the pretrained arm before it: said once, with the way out.
+    assert out.count("max_steps 30, but 0.5 epochs end the pretrained arm at 19 steps; set epochs: null") == 1
     assert "[finetune sst2 (from scratch)] 30 steps: max_steps; from random weights, epochs does not apply" in out
     folder = tmp_path / "work" / "finetune"
     for name, steps in (("sst2", 19), ("sst2-scratch", 30)):

@@ -121,12 +121,14 @@ class TaskConfig(Section):
     truncate: Literal["left", "right"] = Field(
         "left", description="Texts longer than block_size keep their end (left) or their start (right)."
     )
-    max_steps: int = Field(2000, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps at most: from a pretrained model `epochs` "
+                           "usually ends the run sooner, and early stopping may end either arm sooner.")
     epochs: float | None = Field(
         3.0, gt=0, description="From a pretrained model: passes over the training examples, at most max_steps "
         "(GPT-1 fine-tuned for 3; more passes over a small task overfit it: bench/finetune.py --labelled). The "
-        "learning-rate schedule spans these steps. The scratch arm ignores it: from random weights a model needs "
-        "many passes, so it trains up to max_steps with early stopping. null: max_steps alone.")
+        "learning-rate schedule spans these steps. An epoch is examples / (micro_batch_size x processes) steps, "
+        "so more processes take fewer steps. The scratch arm ignores it: from random weights a model needs many "
+        "passes, so it trains up to max_steps with early stopping. null: max_steps alone.")
     micro_batch_size: int = Field(32, ge=1, description="Examples per process per step.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar lengths together (from pools of 50 shuffled batches), so "
@@ -140,7 +142,7 @@ class TaskConfig(Section):
     layer_lr_decay: float = Field(
         1.0, gt=0, le=1, description="Discriminative fine-tuning: block i of n trains at lr x decay^(n-1-i), the "
         "embeddings at lr x decay^n (1: one rate for the whole body).")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of max_steps spent warming the rate up.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the run's steps spent warming the rate up.")
     pooling: Literal["last", "mean"] = Field(
         "mean", description="classification: the head reads the last real token (GPT-1, and what "
         "GPT2ForSequenceClassification does), or the mean over the real tokens (exported with its own head class, "

@@ -71,15 +71,31 @@ def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int, group_b
     return batches
 
 
-def planned_steps(task: TaskConfig, examples: int, global_batch: int, pretrained: bool) -> int:
-    """The task's optimizer steps: `epochs` passes over its `examples` from a pretrained model, at most max_steps.
+@dataclass(frozen=True)
+class Budget:
+    """The optimizer steps one fine-tuning run takes, and why, in words for its log line."""
 
-    An epoch is the full batches of the shuffled examples (epoch_batches cuts the tail). A scratch model keeps
-    max_steps: it learns everything from the labels, and its early stopping ends it when it stops improving."""
-    if not pretrained or task.epochs is None:
-        return task.max_steps
+    steps: int
+    reason: str
+
+
+def plan_budget(task: TaskConfig, examples: int, global_batch: int, pretrained: bool) -> Budget:
+    """`epochs` passes over the task's `examples` from a pretrained model, at most max_steps; else max_steps.
+
+    An epoch is the full global batches of the shuffled examples (epoch_batches cuts the tail). A scratch model
+    keeps max_steps: it learns everything from the labels, and early stopping ends it when it stops improving."""
+    if task.epochs is None:
+        return Budget(task.max_steps, "max_steps")
+    if not pretrained:
+        return Budget(task.max_steps, "max_steps; from random weights, epochs does not apply")
     per_epoch = max(1, examples // global_batch)
-    return max(1, min(task.max_steps, math.ceil(task.epochs * per_epoch)))
+    # Rounded first, so that 1.1 epochs of 100 batches is 110 steps, not ceil(110.00000000000001).
+    by_epochs = max(1, math.ceil(round(task.epochs * per_epoch, 6)))
+    passes = f"{task.epochs:g} epoch{'' if task.epochs == 1 else 's'} of {examples:,} training examples in " \
+             f"batches of {global_batch}"
+    if by_epochs <= task.max_steps:
+        return Budget(by_epochs, passes)
+    return Budget(task.max_steps, f"max_steps, reached before {passes} ({by_epochs:,} steps)")
 
 
 def task_schedule(task: TaskConfig) -> dict[str, Any]:

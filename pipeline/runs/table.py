@@ -35,7 +35,7 @@ KEY_PARAMS: dict[str, list[tuple[str, str]]] = {
     "finetune": [("finetune.from_scratch", "from_scratch"), ("finetune.vs_scratch", "vs_scratch"),
                  ("finetune.seeds", "seeds"), ("finetune.init_from", "init_from")],
     "finetune/": [("task.kind", "kind"), ("task.lr", "lr"), ("task.head_lr", "head_lr"),
-                  ("task.pooling", "pooling"), ("task.planned_steps", "steps"), ("task.from_scratch", "from_scratch"),
+                  ("task.pooling", "pooling"), ("task.max_steps", "max_steps"), ("task.from_scratch", "from_scratch"),
                   ("task.seed", "seed")],
 }
 KEY_METRICS: dict[str, list[str]] = {

@@ -108,7 +108,8 @@ def result_dir(cfg: Config, task: Any, scratch: bool, seed: int) -> Path:
 class TaskRun:
     """One arm and seed of a task, ready to train: what the stage (and bench/finetune_step_time.py) works with."""
 
-    task: Any  # with built-in files resolved
+    task: Any  # as configured, with built-in files resolved (the finetuner's own copy has budget.steps)
+    budget: Any  # training.finetune.Budget: this arm's steps and why
     init: Path
     goal: Any  # the task's training.objectives.Objective
     prepared: Any
@@ -122,12 +123,12 @@ class TaskRun:
 
 def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, log: Any = None,
                    progress_label: str | None = None) -> TaskRun:
-    """The task's data, model and DeepSpeed engine for one arm and seed. The task it holds has the run's own
-    max_steps (`epochs` of this arm's examples, see training.finetune.planned_steps)."""
+    """The task's data, model and DeepSpeed engine for one arm and seed, trained for this arm's budget (`epochs`
+    of its examples from a pretrained model, see training.finetune.plan_budget)."""
     import torch
 
     from training.engine import build_engine
-    from training.finetune import Finetuner, planned_steps, task_lr_ratio, task_train_config
+    from training.finetune import Finetuner, plan_budget, task_lr_ratio, task_train_config
     from training.objectives import objective
     from training.progress import Progress
     from training.tasks import empty_skipped, task_kind
@@ -142,15 +143,15 @@ def build_task_run(cfg: Config, task: Any, dist: Any, scratch: bool, seed: int, 
     torch.manual_seed(seed)
     gpt, gpt_config = _base_model(cfg, init, scratch, tokenizer.get_vocab_size())
     prepared = goal.prepare(tokenizer, train_ex, eval_ex, task, gpt_config.block_size, eot)
-    steps = planned_steps(task, len(prepared.train.ids), task.micro_batch_size * dist.world_size, not scratch)
-    task = task.model_copy(update={"max_steps": steps})
-    progress = Progress(progress_label, steps, enabled=dist.is_main) if progress_label else None
+    budget = plan_budget(task, len(prepared.train.ids), task.micro_batch_size * dist.world_size, not scratch)
+    this_run = task.model_copy(update={"max_steps": budget.steps})  # the schedule spans the run's own steps
     model = goal.model(gpt, gpt_config, prepared)
-    eng = build_engine(model, task_train_config(cfg.train, task), dist,
+    eng = build_engine(model, task_train_config(cfg.train, this_run), dist,
                        lr_ratio=task_lr_ratio(task, gpt_config.n_layer))
-    finetuner = Finetuner(model, eng, task, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
+    progress = Progress(progress_label, budget.steps, enabled=dist.is_main) if progress_label else None
+    finetuner = Finetuner(model, eng, this_run, prepared, pad_id=eot, objective=goal, seed=seed, log=log,
                           progress=progress)
-    return TaskRun(task, init, goal, prepared, gpt_config, eot, finetuner, (len(train_ex), len(eval_ex)),
+    return TaskRun(task, budget, init, goal, prepared, gpt_config, eot, finetuner, (len(train_ex), len(eval_ex)),
                    (empty_skipped(train_ex), empty_skipped(eval_ex)))
 
 
@@ -162,15 +163,16 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
         f" seed {seed}" if cfg.finetune.seeds > 1 else "")
     built = build_task_run(cfg, task, dist, scratch, seed, log, label)
     warn_empty_skipped(ctx, task.name, built.empty_skipped)
+    warn_max_steps_cut(ctx, built.task, built.budget.steps)
     if dist.is_main:
-        print(f"[{label}] {budget_line(task, built.task.max_steps, built.examples[0], scratch)}", flush=True)
+        print(f"[{label}] {built.budget.steps:,} steps: {built.budget.reason}", flush=True)
     task, init, goal, prepared, gpt_config, eot = (built.task, built.init, built.goal, built.prepared,
                                                    built.gpt_config, built.eot)
     result = built.finetuner.run()
     out = result_dir(cfg, task, scratch, seed)
     summary = {**result.metrics, "train_examples": built.examples[0], "eval_examples": built.examples[1],
                "train_empty_skipped": len(built.empty_skipped[0]), "eval_empty_skipped": len(built.empty_skipped[1]),
-               "planned_steps": task.max_steps, "from_scratch": scratch, "seed": seed}
+               "planned_steps": built.budget.steps, "from_scratch": scratch, "seed": seed}
     if dist.is_main and result.best_state is not None:
         tok_dir = init if (init / "tokenizer.json").is_file() else ctx.paths.tokenizer
         goal.export(result.best_state, gpt_config, prepared, tok_dir, out / "export", task, eot)
@@ -180,17 +182,14 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
     return summary
 
 
-def budget_line(task: Any, steps: int, examples: int, scratch: bool) -> str:
-    """Why the run takes the steps it does: `epochs` of the examples, or max_steps."""
-    if task.epochs is None:
-        why = "max_steps"
-    elif scratch:
-        why = "max_steps; from random weights, epochs does not apply"
-    elif steps < task.max_steps:
-        why = f"{task.epochs:g} epochs of {examples:,} training examples"
-    else:
-        why = f"max_steps, reached before {task.epochs:g} epochs of {examples:,} training examples"
-    return f"{steps:,} steps: {why}"
+def warn_max_steps_cut(ctx: StageContext, task: Any, steps: int) -> None:
+    """A max_steps the user chose that `epochs` ends sooner is said once: the cut is by design, but not theirs."""
+    default = type(task).model_fields["max_steps"].default
+    if steps < task.max_steps != default:
+        text = (f"task {task.name}: max_steps {task.max_steps}, but {task.epochs:g} epochs end the pretrained arm "
+                f"at {steps} steps; set epochs: null to train to max_steps")
+        if text not in ctx.warnings:
+            ctx.warn(text)
 
 
 def warn_empty_skipped(ctx: StageContext, name: str, skipped: tuple[list[str], list[str]]) -> None:
