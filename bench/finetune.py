@@ -21,7 +21,8 @@ Per task, in <root>/<task>:
 
 `--labelled ROWS` fine-tunes (and fits TF-IDF) on ROWS train rows drawn at random, as task
 `<task>-<ROWS>`, while pretraining still reads every train text without its label: the setting
-GPT-1 was made for, few labels beside much unlabelled text of the same kind.
+GPT-1 was made for, few labels beside much unlabelled text of the same kind. The rows are the
+same for every `--seeds` (their draw has its own seed, 0), so seeds vary the head and the order.
 
 Prints one JSON line per figure. A rerun with the same root reuses the finished pretraining.
 """
@@ -247,7 +248,7 @@ def main() -> int:
         if args.fresh and not args.tfidf_only and workdir.exists():
             shutil.rmtree(workdir)
         train = None
-        if args.labelled:  # the labels are fewer; pretraining below still reads every train text, unlabelled
+        if args.labelled is not None:  # fewer labels; pretraining below still reads every train text, unlabelled
             train = write_labelled_sample(bench, args.labelled, workdir / "labelled" / f"train-{args.labelled}.tsv")
             name = f"{name}-{args.labelled}"
         tfidf = tfidf_baseline(bench, train)
@@ -261,7 +262,8 @@ def main() -> int:
             continue
         result = finetune(bench, overrides, task_set, args.seeds, args.arms, train, name)
         for run in result["runs"]:
-            emit(figure=f"{name}_dev_accuracy", arm=run["arm"], seed=run["seed"], value=round(run["eval_accuracy"], 4))
+            emit(figure=f"{name}_dev_accuracy", arm=run["arm"], seed=run["seed"], value=round(run["eval_accuracy"], 4),
+                 planned_steps=run.get("planned_steps"), steps=run.get("steps"))
         if args.arms != "both":
             continue
         emit(figure=f"{name}_pretrained_vs_scratch", pretrained=round(result["pretrained_mean"], 4),

@@ -138,6 +138,7 @@ def test_vs_scratch_runs_both_arms_per_seed_and_logs_them_under_one_parent(tmp_p
     comparison = json.loads((folder / "sst2-comparison.json").read_text())
     assert sorted((r["arm"], r["seed"]) for r in comparison["runs"]) == [
         ("pretrained", 1337), ("pretrained", 1338), ("scratch", 1337), ("scratch", 1338)]
+    assert all(r["planned_steps"] == r["steps"] == 4 for r in comparison["runs"])  # each arm's budget, and what ran
     gains = [100 * (a["eval_accuracy"] - b["eval_accuracy"])
              for a in comparison["runs"] if a["arm"] == "pretrained"
              for b in comparison["runs"] if b["arm"] == "scratch" and b["seed"] == a["seed"]]

@@ -229,7 +229,8 @@ def compare_arms(ctx: StageContext, task: Any, runs: dict[tuple[bool, int], dict
         print(f"[finetune] {line}", flush=True)
         write_json(ctx.paths.finetune / f"{task.name}-comparison.json",
                    {"metric": metric, **result, "line": line,
-                    "runs": [{"arm": "scratch" if s else "pretrained", "seed": seed, metric: runs[(s, seed)][metric]}
+                    "runs": [{"arm": "scratch" if s else "pretrained", "seed": seed, metric: runs[(s, seed)][metric],
+                              **{k: runs[(s, seed)][k] for k in ("planned_steps", "steps") if k in runs[(s, seed)]}}
                              for (s, seed) in sorted(runs)]})
     if ctx.run is not None:
         mlflow.log_metrics({f"{task.name}.{k}": v for k, v in result.items()}, run_id=ctx.run.info.run_id)
