@@ -121,14 +121,17 @@ class TaskConfig(Section):
     truncate: Literal["left", "right"] = Field(
         "left", description="Texts longer than block_size keep their end (left) or their start (right)."
     )
-    max_steps: int = Field(2000, ge=1, description="Optimizer steps at most: from a pretrained model `epochs` "
-                           "usually ends the run sooner, and early stopping may end either arm sooner.")
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps at most. From a pretrained model `epochs` ends "
+                           "the run sooner on a task of fewer than max_steps x batch / epochs examples (21,333 with "
+                           "the defaults on one process); early stopping may end either arm sooner.")
     epochs: float | None = Field(
         3.0, gt=0, description="From a pretrained model: passes over the training examples, at most max_steps "
-        "(GPT-1 fine-tuned for 3; more passes over a small task overfit it: bench/finetune.py --labelled). The "
-        "learning-rate schedule spans these steps. An epoch is examples / (micro_batch_size x processes) steps, "
-        "so more processes take fewer steps. The scratch arm ignores it: from random weights a model needs many "
-        "passes, so it trains up to max_steps with early stopping. null: max_steps alone.")
+        "(GPT-1 fine-tuned for 3; more passes over a small task overfit it: bench/finetune.py --labelled). An epoch "
+        "is the whole batches of examples / (micro_batch_size x processes), rounded down (1,000 examples in batches "
+        "of 32: 31 steps, 93 for 3), so more processes take fewer steps. The learning-rate schedule, warm-up "
+        "included, spans the planned steps; a max_steps you set that they end sooner is warned once. The scratch "
+        "arm ignores it: from random weights a model needs many passes, so it trains up to max_steps with early "
+        "stopping. null: max_steps alone.")
     micro_batch_size: int = Field(32, ge=1, description="Examples per process per step.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar lengths together (from pools of 50 shuffled batches), so "
