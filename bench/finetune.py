@@ -247,12 +247,12 @@ def main() -> int:
         workdir = args.root / name
         if args.fresh and not args.tfidf_only and workdir.exists():
             shutil.rmtree(workdir)
-        train = None
+        train, task_name = None, name
         if args.labelled is not None:  # fewer labels; pretraining below still reads every train text, unlabelled
             train = write_labelled_sample(bench, args.labelled, workdir / "labelled" / f"train-{args.labelled}.tsv")
-            name = f"{name}-{args.labelled}"
+            task_name = f"{name}-{args.labelled}"
         tfidf = tfidf_baseline(bench, train)
-        emit(figure=f"{name}_dev_accuracy_tfidf_logreg", value=round(tfidf, 4),
+        emit(figure=f"{task_name}_dev_accuracy_tfidf_logreg", value=round(tfidf, 4),
              reference=bench.reference if train is None else f"fitted on the same {args.labelled} rows")
         if args.tfidf_only:
             continue
@@ -260,18 +260,19 @@ def main() -> int:
         pretrain(load_config(None, overrides), workdir)
         if args.pretrain_only:
             continue
-        result = finetune(bench, overrides, task_set, args.seeds, args.arms, train, name)
+        result = finetune(bench, overrides, task_set, args.seeds, args.arms, train, task_name)
         for run in result["runs"]:
-            emit(figure=f"{name}_dev_accuracy", arm=run["arm"], seed=run["seed"], value=round(run["eval_accuracy"], 4),
-                 planned_steps=run.get("planned_steps"), steps=run.get("steps"))
+            emit(figure=f"{task_name}_dev_accuracy", arm=run["arm"], seed=run["seed"],
+                 value=round(run["eval_accuracy"], 4), planned_steps=run["planned_steps"], steps=run["steps"])
         if args.arms != "both":
             continue
-        emit(figure=f"{name}_pretrained_vs_scratch", pretrained=round(result["pretrained_mean"], 4),
+        emit(figure=f"{task_name}_pretrained_vs_scratch", pretrained=round(result["pretrained_mean"], 4),
              scratch=round(result["scratch_mean"], 4), gain_points=round(result["gain"], 2),
              gain_min_points=round(result["gain_min"], 2), gain_max_points=round(result["gain_max"], 2),
              seeds=args.seeds, seconds=result["seconds"], target="pretrained >= scratch + 2 points on every seed")
-        emit(figure=f"{name}_pretrained_minus_tfidf_points", value=round(100 * (result["pretrained_mean"] - tfidf), 1))
-        emit(figure=f"{name}_task_settings", **result["task"])
+        emit(figure=f"{task_name}_pretrained_minus_tfidf_points",
+             value=round(100 * (result["pretrained_mean"] - tfidf), 1))
+        emit(figure=f"{task_name}_task_settings", **result["task"])
     return 0
 
 

@@ -68,7 +68,10 @@ class StageContext:
         return self.dist.is_main
 
     def warn(self, text: str) -> None:
-        """A warning the summary repeats at the end, where it is seen."""
+        """A warning the summary repeats at the end, where it is seen; said once, however often it is raised (every
+        arm and seed of a task, say)."""
+        if text in self.warnings:
+            return
         self.warnings.append(text)
         if self.is_main:
             print(f"[{self.name}] warning: {text}", file=sys.stderr, flush=True)

@@ -184,12 +184,10 @@ def finetune_task(ctx: StageContext, task: Any, dist: Any, log: Any, scratch: bo
 
 def warn_max_steps_cut(ctx: StageContext, task: Any, steps: int) -> None:
     """A max_steps the user chose that `epochs` ends sooner is said once: the cut is by design, but not theirs."""
-    default = type(task).model_fields["max_steps"].default
-    if steps < task.max_steps != default:
-        text = (f"task {task.name}: max_steps {task.max_steps}, but {task.epochs:g} epochs end the pretrained arm "
-                f"at {steps} steps; set epochs: null to train to max_steps")
-        if text not in ctx.warnings:
-            ctx.warn(text)
+    chosen = task.max_steps != type(task).model_fields["max_steps"].default
+    if chosen and steps < task.max_steps:
+        ctx.warn(f"task {task.name}: max_steps {task.max_steps}, but {task.epochs:g} epochs end the pretrained arm "
+                 f"at {steps} steps; set epochs: null to train to max_steps")
 
 
 def warn_empty_skipped(ctx: StageContext, name: str, skipped: tuple[list[str], list[str]]) -> None:
@@ -197,9 +195,7 @@ def warn_empty_skipped(ctx: StageContext, name: str, skipped: tuple[list[str], l
     for split, places in zip(("training", "eval"), skipped, strict=True):
         if not places:
             continue
-        text = f"task {name}: {len(places)} {split} row(s) with empty text skipped (the first at {places[0]})"
-        if text not in ctx.warnings:
-            ctx.warn(text)
+        ctx.warn(f"task {name}: {len(places)} {split} row(s) with empty text skipped (the first at {places[0]})")
 
 
 def headline(summary: dict[str, Any]) -> tuple[str, float] | None:
@@ -229,9 +225,9 @@ def compare_arms(ctx: StageContext, task: Any, runs: dict[tuple[bool, int], dict
         print(f"[finetune] {line}", flush=True)
         write_json(ctx.paths.finetune / f"{task.name}-comparison.json",
                    {"metric": metric, **result, "line": line,
-                    "runs": [{"arm": "scratch" if s else "pretrained", "seed": seed, metric: runs[(s, seed)][metric],
-                              **{k: runs[(s, seed)][k] for k in ("planned_steps", "steps") if k in runs[(s, seed)]}}
-                             for (s, seed) in sorted(runs)]})
+                    "runs": [{"arm": "scratch" if s else "pretrained", "seed": seed, metric: summary[metric],
+                              "planned_steps": summary["planned_steps"], "steps": summary["steps"]}
+                             for (s, seed), summary in sorted(runs.items())]})
     if ctx.run is not None:
         mlflow.log_metrics({f"{task.name}.{k}": v for k, v in result.items()}, run_id=ctx.run.info.run_id)
     return {k: result[k] for k in ("pretrained_mean", "scratch_mean", "gain", "gain_min", "gain_max")}
