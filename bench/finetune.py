@@ -137,7 +137,9 @@ def write_labelled_sample(bench: Bench, rows: int, path: Path, seed: int = 0) ->
     Rows are taken as lines, so the sample is exactly the file's own rows (TSV with one row per line)."""
     header, *lines = (bench.folder / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     if not 0 < rows <= len(lines):
-        raise SystemExit(f"--labelled {rows}: {bench.folder / 'train.tsv'} has {len(lines)} rows")
+        print(f"bench/finetune.py: --labelled {rows}: {bench.folder / 'train.tsv'} has {len(lines)} rows; give 1 to "
+              f"{len(lines)}", file=sys.stderr)
+        sys.exit(2)
     keep = sorted(random.Random(seed).sample(range(len(lines)), rows))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + "".join(lines[i] for i in keep), encoding="utf-8")
