@@ -57,6 +57,17 @@ def test_unseen_eval_label_is_named() -> None:
         labels.ids([Example("x", "pos"), Example("y", "neutral")], "dev.tsv")
 
 
+def test_a_training_file_with_one_label_is_refused_not_scored_100_percent() -> None:
+    """The first rows of a file sorted by label all share it: a one-class head would score every text right."""
+    from training.objectives import objective
+    from training.tasks import Example
+
+    task = TaskConfig(name="t", train="head.tsv", eval="dev.tsv", label_key="stars")
+    rows = [Example("good", "1"), Example("fine", "1")]
+    with pytest.raises(TaskDataError, match=r"head\.tsv: every row's label column 'stars' holds '1'; .* at least two"):
+        objective("classification").prepare(None, rows, rows, task, 16, 0)
+
+
 def test_empty_and_malformed_files(tmp_path: Path) -> None:
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")

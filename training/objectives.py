@@ -145,6 +145,11 @@ class ClassificationObjective(Objective):
     def prepare(self, tokenizer: Any, train: list[Example], evaluation: list[Example], task: Any,
                 block_size: int, eot: int) -> Prepared:
         labels = LabelMap.from_examples(train)
+        if len(labels.labels) < 2:  # one class: a 100% that says nothing (a file sorted by label, cut short)
+            raise TaskDataError(
+                f"{task.train}: every row's label column {task.label_key!r} holds {labels.labels[0]!r}; a "
+                "classification task needs at least two labels in its training file (a file sorted by label and "
+                "cut short keeps one)")
         return Prepared(
             train=encode_classification(tokenizer, train, labels.ids(train, task.train), block_size, task.truncate),
             evaluation=encode_classification(tokenizer, evaluation, labels.ids(evaluation, task.eval), block_size,
